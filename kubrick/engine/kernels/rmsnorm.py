@@ -1,0 +1,34 @@
+"""Fused RMSNorm: one program per row, float32 statistics, output in the input's dtype (one read, one write)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(out_ptr + row * stride_out + cols, (x * inv_rms * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., H] (last dim contiguous), weight [H] -> RMSNorm(x) * weight in x's dtype."""
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if out is None:
+        out = torch.empty_like(x2)
+    out2 = out.view(-1, n_cols)
+    block = triton.next_power_of_2(n_cols)
+    _rmsnorm_kernel[(x2.shape[0],)](
+        x2, weight, out2, x2.stride(0), out2.stride(0), n_cols, eps, BLOCK=block, num_warps=4 if block <= 4096 else 8
+    )
+    return out2.view(x.shape)

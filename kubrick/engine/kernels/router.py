@@ -1,0 +1,62 @@
+"""Router fused: logits = x W^T + b, top-k by falling logit, softmax over the k chosen logits; one program per token.
+
+The k maxima are found by k rounds of (max, lowest index holding it, knock it out), so ties go to the lower
+expert id, as torch.topk does on CPU. Logits stay in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _router_kernel(
+    x_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, stride_x, n_experts, hidden,
+    TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    valid_e = experts < n_experts
+    acc = tl.zeros((BLOCK_E, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        valid_k = cols < hidden
+        x = tl.load(x_ptr + token * stride_x + cols, mask=valid_k, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + experts[:, None] * hidden + cols[None, :], mask=valid_e[:, None] & valid_k[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    logits = tl.sum(acc, axis=1) + tl.load(b_ptr + experts, mask=valid_e, other=0.0).to(tl.float32)
+    logits = tl.where(valid_e, logits, float("-inf"))
+
+    slots = tl.arange(0, BLOCK_TOPK)
+    top_values = tl.full((BLOCK_TOPK,), float("-inf"), dtype=tl.float32)
+    top_ids = tl.zeros((BLOCK_TOPK,), dtype=tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.max(logits, axis=0)
+        best_id = tl.min(tl.where(logits == best, experts, BLOCK_E), axis=0)
+        top_values = tl.where(slots == j, best, top_values)
+        top_ids = tl.where(slots == j, best_id, top_ids)
+        logits = tl.where(experts == best_id, float("-inf"), logits)
+    # top_values[0] is the largest: subtract it so exp never overflows; empty slots give exp(-inf) = 0.
+    p = tl.exp(top_values - tl.max(top_values, axis=0))
+    p = p / tl.sum(p, axis=0)
+    keep = slots < TOPK
+    tl.store(ids_ptr + token * TOPK + slots, top_ids, mask=keep)
+    tl.store(weights_ptr + token * TOPK + slots, p, mask=keep)
+
+
+def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H], weight [E, H] (contiguous), bias [E] -> (expert ids int32 [T, k], routing weights float32 [T, k])."""
+    tokens, hidden = x.shape
+    n_experts = weight.shape[0]
+    assert weight.is_contiguous() and x.stride(-1) == 1
+    ids = torch.empty(tokens, k, dtype=torch.int32, device=x.device)
+    weights = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
+    block_e = triton.next_power_of_2(n_experts)
+    block_k = max(16, min(triton.next_power_of_2(hidden), 8192 // block_e))
+    _router_kernel[(tokens,)](
+        x, weight, bias, ids, weights, x.stride(0), n_experts, hidden,
+        TOPK=k, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_TOPK=max(2, triton.next_power_of_2(k)), num_warps=4,
+    )
+    return ids, weights

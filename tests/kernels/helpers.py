@@ -1,0 +1,39 @@
+"""Random inputs and the error measure shared by the kernel tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error; NaN or inf anywhere in `actual` gives inf, so it never passes a bound."""
+    actual, expected = actual.double(), expected.double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN, so an element the kernel forgets to write shows up as an error."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def random_mxfp4(experts: int, rows: int, cols: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed E2M1 blocks [E, rows, cols/32, 16] and E8M0 scales [E, rows, cols/32] like a gpt-oss checkpoint's."""
+    blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=gen, dtype=torch.uint8)
+    # 2^(s-127) for s in 118..124: weights of a few hundredths, like trained ones.
+    scales = torch.randint(118, 125, (experts, rows, cols // 32), generator=gen, dtype=torch.uint8)
+    return blocks.to(device), scales.to(device)
+
+
+def random_moe(tokens, hidden, inter, experts, topk, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w1b, w1s = random_mxfp4(experts, 2 * inter, hidden, gen, device)
+    w2b, w2s = random_mxfp4(experts, hidden, inter, gen, device)
+    b1 = (torch.randn(experts, 2 * inter, generator=gen) * 0.1).to(device=device, dtype=dtype)
+    b2 = (torch.randn(experts, hidden, generator=gen) * 0.1).to(device=device, dtype=dtype)
+    x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=dtype)
+    scores = torch.randn(tokens, experts, generator=gen)
+    ids = scores.topk(topk, dim=-1).indices.to(torch.int32).to(device)
+    weights = torch.softmax(torch.randn(tokens, topk, generator=gen), dim=-1).to(device)
+    return x, ids, weights, (w1b, w1s, b1, w2b, w2s, b2)
