@@ -1,0 +1,193 @@
+"""Run one real tritonserver process: command line, environment, log file, readiness, shutdown.
+
+Used by `kubrick serve`, by the test fixture and by the serving benchmark, so all three start the server the
+same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from kubrick.errors import KubrickError
+from kubrick.server.install import TritonInstall, find_triton, prepare_backend_dir, server_env
+
+MODEL_NAME = "llm_decoupled"
+
+
+@dataclass
+class ServerConfig:
+    """Everything that decides how tritonserver is started."""
+
+    model_repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    model_config_name: str | None = None  # e.g. "gpu": llm_decoupled/configs/gpu.pbtxt
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (TRITON_CHECKPOINT …)
+    log_verbose: int = 0
+
+
+class ServerFailed(KubrickError):
+    """tritonserver exited or never became ready; the message carries the relevant log lines."""
+
+
+class TritonServer:
+    """One tritonserver child process and its work folder (backend dir + log), cleaned up by stop()."""
+
+    def __init__(self, config: ServerConfig, install: TritonInstall | None = None):
+        self.config = config
+        self.install = install or find_triton()
+        self.workdir = Path(tempfile.mkdtemp(prefix="kubrick-triton-"))
+        self.log_path = self.workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        return f"http://{host}:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.url.rsplit(":", 1)[0] + f":{self.config.metrics_port}/metrics"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        c = self.config
+        cmd = [
+            str(self.install.binary),
+            f"--model-repository={c.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--grpc-address={c.host}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-address={c.host}",
+            f"--metrics-port={c.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={c.log_verbose}",
+        ]
+        if c.model_config_name:
+            cmd.append(f"--model-config-name={c.model_config_name}")
+        return cmd
+
+    def start(self) -> None:
+        backend_dir = prepare_backend_dir(self.install, self.workdir / "backends")
+        env = server_env(self.install)
+        env.update(self.config.env)
+        log = open(self.log_path, "wb")
+        try:
+            self.process = subprocess.Popen(
+                self.command(backend_dir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
+            )
+        finally:
+            log.close()
+
+    def wait_ready(
+        self, timeout: float = 900.0, on_phase: Callable[[str], None] | None = None, model: str = MODEL_NAME
+    ) -> None:
+        """Wait until the server and the model answer ready; raise ServerFailed with log lines if not."""
+        deadline = time.monotonic() + timeout
+        phase = None
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                if self.process is None or self.process.poll() is not None:
+                    code = None if self.process is None else self.process.returncode
+                    raise ServerFailed(f"tritonserver exited (code {code}) before it was ready:\n{self.log_excerpt()}")
+                new_phase = self._phase(client, model)
+                if new_phase == "ready":
+                    return
+                if new_phase != phase and on_phase is not None:
+                    on_phase(new_phase)
+                phase = new_phase
+                if time.monotonic() > deadline:
+                    raise ServerFailed(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_excerpt()}")
+                time.sleep(0.2)
+
+    def _phase(self, client: httpx.Client, model: str) -> str:
+        try:
+            if client.get(f"{self.url}/v2/health/live").status_code != 200:
+                return "starting"
+        except httpx.HTTPError:
+            return "starting"
+        try:
+            model_ready = client.get(f"{self.url}/v2/models/{model}/ready").status_code == 200
+            server_ready = client.get(f"{self.url}/v2/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return "loading"
+        return "ready" if model_ready and server_ready else "loading"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_excerpt(self, lines: int = 25) -> str:
+        """The lines of the log that explain a failure: errors and tracebacks first, else the tail."""
+        text = self.log_text().splitlines()
+        keys = ("error", "Error", "failed", "Traceback", "Exception", "unable", "Unable")
+        relevant = [i for i, line in enumerate(text) if any(k in line for k in keys)]
+        if relevant:
+            start = max(0, relevant[0] - 2)
+            chosen = text[start:][: lines * 2]
+            # Tracebacks from the stub are long: keep the first error and the end of the story.
+            if len(chosen) > lines:
+                chosen = chosen[: lines // 2] + ["  …"] + chosen[-(lines - lines // 2) :]
+        else:
+            chosen = text[-lines:]
+        return "\n".join("  " + line for line in chosen) or "  (the log is empty)"
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton drains and unloads the model), SIGKILL if it hangs; then remove the work folder."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                try:
+                    self.process.send_signal(signal.SIGTERM)
+                    code = self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    code = self.process.wait()
+            else:
+                code = self.process.returncode
+            self._kill_leftover_stubs()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
+
+    def _kill_leftover_stubs(self) -> None:
+        """The Python stub runs in the server's process group; make sure none outlives the server."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,270 @@
+"""llm_decoupled: the Triton model that adapts requests to the Kubrick engine (a thin adapter, nothing more).
+
+`execute` parses each request and hands it to the engine's scheduler, then returns None (decoupled model).
+The scheduler delivers events on its own thread into an outbox; one response thread turns them into
+responses: each `text_output` is one JSON event, {"type": "reasoning"|"chunk"|"complete"|"error", …}, and the
+last one carries the FINAL flag. A client that goes away (`response_sender.is_cancelled()`) cancels its request
+in the engine. Custom Prometheus metrics are published beside Triton's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from kubrick.engine.api import (
+    ContentDelta,
+    EngineError,
+    Finished,
+    InvalidRequest,
+    ReasoningDelta,
+    parse_messages,
+    parse_params,
+)
+from kubrick.engine.scheduler import RequestHandle, Scheduler
+
+
+CANCEL_POLL_S = 0.05  # how often requests without new events are checked for a client that left
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+
+@dataclass
+class Pending:
+    """A request in flight: where its responses go and the engine's handle for it."""
+
+    sender: object
+    handle: RequestHandle | None = None
+    client_left: bool = False
+
+
+class Metrics:
+    """Kubrick's own Prometheus metrics, labelled with the model and the engine version."""
+
+    def __init__(self, model: str, engine_version: str):
+        labels = {"model": model, "engine_version": engine_version}
+        # Families must outlive their metrics: keep them all on self.
+        self.families: list = []
+
+        def metric(name: str, description: str, kind, **extra):
+            family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self.families.append(family)
+            return family.Metric(labels=labels, **extra)
+
+        counter, gauge, histogram = (
+            pb_utils.MetricFamily.COUNTER,
+            pb_utils.MetricFamily.GAUGE,
+            pb_utils.MetricFamily.HISTOGRAM,
+        )
+        self.generated_tokens = metric(
+            "kubrick_generated_tokens_total", "Tokens generated (completion tokens), all requests", counter
+        )
+        self.prompt_tokens = metric(
+            "kubrick_prompt_tokens_total", "Prompt tokens processed (prefill), all requests", counter
+        )
+        self.ttft = metric(
+            "kubrick_time_to_first_token_seconds",
+            "From a request's arrival (queueing included) to its first generated text",
+            histogram,
+            buckets=TTFT_BUCKETS,
+        )
+        self.tpot = metric(
+            "kubrick_time_per_output_token_seconds",
+            "Mean time between generated tokens of a request, after the first",
+            histogram,
+            buckets=TPOT_BUCKETS,
+        )
+        self.running = metric("kubrick_requests_running", "Requests the engine is generating for now", gauge)
+        self.waiting = metric("kubrick_requests_waiting", "Requests queued for the engine, not started yet", gauge)
+        self.kv_cache = metric(
+            "kubrick_kv_cache_usage_ratio", "Fraction of the engine's KV-cache capacity in use (0 to 1)", gauge
+        )
+        finished = pb_utils.MetricFamily(
+            name="kubrick_requests_finished_total",
+            description="Requests ended, by reason: stop, length, cancelled or error",
+            kind=counter,
+        )
+        self.families.append(finished)
+        self.finished = {
+            reason: finished.Metric(labels={**labels, "reason": reason})
+            for reason in ("stop", "length", "cancelled", "error")
+        }
+        self._gauges: dict[str, float] = {}
+
+    def set_gauges(self, running: int, waiting: int, kv_cache: float) -> None:
+        """Publish the gauges that changed (each publish is a message to the server)."""
+        for name, value in (("running", running), ("waiting", waiting), ("kv_cache", kv_cache)):
+            if self._gauges.get(name) != value:
+                getattr(self, name).set(float(value))
+                self._gauges[name] = value
+
+    def record(self, handle: RequestHandle, outcome: object) -> None:
+        """Count a finished request."""
+        if not isinstance(outcome, Finished):
+            self.finished["error"].increment(1)
+            return
+        self.finished.get(outcome.reason, self.finished["stop"]).increment(1)
+        usage = outcome.usage
+        if usage.prompt_tokens:
+            self.prompt_tokens.increment(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self.generated_tokens.increment(usage.completion_tokens)
+        if handle.first_token_at is not None:
+            self.ttft.observe(handle.first_token_at - handle.submitted_at)
+            if usage.completion_tokens > 1 and handle.finished_at is not None:
+                self.tpot.observe((handle.finished_at - handle.first_token_at) / (usage.completion_tokens - 1))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.model_name = config.get("name", "llm_decoupled")
+        settings = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        # The instance kind decides the device unless TRITON_DEVICE or the config says otherwise.
+        if args.get("model_instance_kind") == "GPU":
+            kind_device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        else:
+            kind_device = "cpu"
+        device = settings.get("device") or os.environ.get("TRITON_DEVICE") or kind_device
+        context_length = settings.get("context_length")
+
+        from kubrick.engine.engine import Engine  # heavy (torch): only the server side pays for it
+
+        self.engine = Engine.from_env(
+            checkpoint=settings.get("checkpoint") or None,
+            device=device,
+            context_length=int(context_length) if context_length else None,
+        )
+        engine_version = str(getattr(self.engine, "version", "unknown"))
+        self.metrics = Metrics(self.model_name, engine_version)
+        self.scheduler = Scheduler(self.engine)
+        self.outbox: queue.Queue = queue.Queue()
+        self.pending: dict[int, Pending] = {}  # touched by the response thread only
+        self.responder = threading.Thread(target=self._respond_loop, name="kubrick-responses", daemon=True)
+        self.responder.start()
+        self._refresh_gauges()
+        pb_utils.Logger.log_info(
+            f"{self.model_name}: engine {engine_version} on {self.engine.device}, "
+            f"context {self.engine.context_length} tokens"
+        )
+
+    def execute(self, requests):
+        for request in requests:
+            pending = Pending(sender=request.get_response_sender())
+            try:
+                messages, params = self._parse(request)
+            except InvalidRequest as err:
+                self.outbox.put((pending, err))
+                continue
+            pending.handle = self.scheduler.submit(
+                messages, params, on_event=lambda outcome, p=pending: self.outbox.put((p, outcome))
+            )
+            self.outbox.put((pending, None))  # register it so a client that leaves while it waits is noticed
+        return None
+
+    def finalize(self):
+        self.scheduler.stop()  # every request still in flight gets its last event
+        self.outbox.put((None, None))
+        self.responder.join(timeout=30)
+
+    @staticmethod
+    def _parse(request):
+        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+        if tensor is None:
+            raise InvalidRequest('the request has no text_input; send a JSON list of {"role", "content"} messages')
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1:
+            raise InvalidRequest("text_input must be one string: a JSON list of messages")
+        messages = parse_messages(values[0])
+        try:
+            raw = json.loads(request.parameters() or "{}")
+        except json.JSONDecodeError:
+            raise InvalidRequest("the request parameters are not valid JSON") from None
+        return messages, parse_params(raw)
+
+    # The response thread: the only place that talks to response senders.
+
+    def _respond_loop(self) -> None:
+        while True:
+            try:
+                pending, outcome = self.outbox.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                self._poll_cancelled()
+                self._refresh_gauges()
+                continue
+            if pending is None:
+                return
+            try:
+                self._respond(pending, outcome)
+            except Exception as err:  # one broken response must not stop the others
+                pb_utils.Logger.log_error(f"{self.model_name}: sending a response failed: {err}")
+            self._refresh_gauges()
+
+    def _respond(self, pending: Pending, outcome) -> None:
+        if outcome is None:  # registration of a newly submitted request
+            if pending.handle is not None and not pending.handle.done:
+                self.pending[id(pending)] = pending
+            return
+        if isinstance(outcome, (ReasoningDelta, ContentDelta)):
+            if not pending.client_left:
+                kind = "reasoning" if isinstance(outcome, ReasoningDelta) else "chunk"
+                self._send(pending, {"type": kind, "content": outcome.text})
+                self._check_cancelled(pending)
+            return
+        # A terminal event: Finished, or an error for a person.
+        self.pending.pop(id(pending), None)
+        if pending.handle is not None:
+            self.metrics.record(pending.handle, outcome)
+        else:
+            self.metrics.finished["error"].increment(1)
+        if pending.client_left or (isinstance(outcome, Finished) and outcome.reason == "cancelled"):
+            self._send(pending, None, final=True)
+        elif isinstance(outcome, Finished):
+            usage = outcome.usage
+            event = {
+                "type": "complete",
+                "finish_reason": outcome.reason,
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "time_to_first_token_s": round(usage.time_to_first_token_s, 6),
+                    "tokens_per_s": round(usage.tokens_per_s, 3),
+                },
+            }
+            self._send(pending, event, final=True)
+        else:
+            message = str(outcome) if isinstance(outcome, EngineError) else f"the server failed: {outcome}"
+            self._send(pending, {"type": "error", "content": message}, final=True)
+
+    def _send(self, pending: Pending, event: dict | None, final: bool = False) -> None:
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        if event is None:
+            pending.sender.send(flags=flags)
+            return
+        text = json.dumps(event, ensure_ascii=False)
+        tensor = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
+        pending.sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]), flags=flags)
+
+    def _check_cancelled(self, pending: Pending) -> None:
+        if not pending.client_left and pending.sender.is_cancelled():
+            pending.client_left = True
+            if pending.handle is not None:
+                pending.handle.cancel()  # the engine stops before its next decode step
+
+    def _poll_cancelled(self) -> None:
+        for pending in list(self.pending.values()):
+            self._check_cancelled(pending)
+
+    def _refresh_gauges(self) -> None:
+        try:
+            kv = float(self.engine.kv_cache_usage())
+        except Exception:
+            kv = 0.0
+        self.metrics.set_gauges(self.scheduler.running, self.scheduler.waiting, round(kv, 4))
