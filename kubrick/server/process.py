@@ -22,6 +22,8 @@ from kubrick.errors import KubrickError
 from kubrick.server.install import TritonInstall, find_triton, prepare_backend_dir, server_env
 
 MODEL_NAME = "llm_decoupled"
+# Log lines a CPU-only machine always shows; they never explain a failure.
+_HARMLESS = ("CudaDriverHelper", "pinned memory", "NVML", "DCGM", "CUDA memory pool")
 
 
 @dataclass
@@ -45,11 +47,11 @@ class ServerFailed(KubrickError):
 class TritonServer:
     """One tritonserver child process and its work folder (backend dir + log), cleaned up by stop()."""
 
-    def __init__(self, config: ServerConfig, install: TritonInstall | None = None):
+    def __init__(self, config: ServerConfig, install: TritonInstall | None = None, log_path: Path | None = None):
         self.config = config
         self.install = install or find_triton()
         self.workdir = Path(tempfile.mkdtemp(prefix="kubrick-triton-"))
-        self.log_path = self.workdir / "tritonserver.log"
+        self.log_path = log_path or self.workdir / "tritonserver.log"  # one outside workdir outlives stop()
         self.process: subprocess.Popen | None = None
 
     @property
@@ -89,6 +91,7 @@ class TritonServer:
         backend_dir = prepare_backend_dir(self.install, self.workdir / "backends")
         env = server_env(self.install)
         env.update(self.config.env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         try:
             self.process = subprocess.Popen(
@@ -143,19 +146,16 @@ class TritonServer:
         except OSError:
             return ""
 
-    def log_excerpt(self, lines: int = 25) -> str:
-        """The lines of the log that explain a failure: errors and tracebacks first, else the tail."""
+    def log_excerpt(self, lines: int = 20) -> str:
+        """The log lines that explain a failure: Triton's errors (E…) and the model's traceback, else the tail."""
         text = self.log_text().splitlines()
-        keys = ("error", "Error", "failed", "Traceback", "Exception", "unable", "Unable")
-        relevant = [i for i, line in enumerate(text) if any(k in line for k in keys)]
-        if relevant:
-            start = max(0, relevant[0] - 2)
-            chosen = text[start:][: lines * 2]
-            # Tracebacks from the stub are long: keep the first error and the end of the story.
-            if len(chosen) > lines:
-                chosen = chosen[: lines // 2] + ["  …"] + chosen[-(lines - lines // 2) :]
-        else:
-            chosen = text[-lines:]
+        relevant = [
+            _readable(line)
+            for line in text
+            if (line.startswith("E") or line.startswith("error:") or "Failed to" in line or "Traceback" in line)
+            and not any(noise in line for noise in _HARMLESS)
+        ]
+        chosen = relevant[-lines:] if relevant else text[-lines:]
         return "\n".join("  " + line for line in chosen) or "  (the log is empty)"
 
     def running(self) -> bool:
@@ -191,3 +191,8 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _readable(line: str) -> str:
+    """Triton quotes messages with escaped newlines; unescape them so a traceback reads as one."""
+    return line.replace("\\n", "\n  ").replace('\\"', '"')

@@ -1,0 +1,1 @@
+"""Start and supervise a real Triton Inference Server that serves the Kubrick engine (`kubrick serve`)."""
