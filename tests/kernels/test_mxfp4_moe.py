@@ -5,6 +5,7 @@ import torch
 
 from kubrick.engine.kernels import reference
 from kubrick.engine.kernels.moe_gemv import moe_gemv
+from kubrick.engine.kernels.moe_grouped import group_by_expert, moe_grouped
 
 from .helpers import random_moe, rel_error
 
@@ -26,4 +27,26 @@ def test_moe_gemv_matches_reference(device, dtype, bound, split_k):
     out = moe_gemv(x, ids, weights, *w, split_k=split_k)
     expected = reference.moe(x, ids, weights, *w)
     assert out.shape == expected.shape and out.dtype == dtype
+    assert rel_error(out, expected) < bound
+
+
+def test_group_by_expert_covers_every_pair_once_in_single_expert_tiles(device):
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 3], [2, 0]], dtype=torch.int32, device=device)
+    pair_ids, tile_expert = group_by_expert(ids, n_experts=5, block_m=2)
+    tiles = pair_ids.view(-1, 2).cpu()
+    real = tiles[tiles >= 0]
+    assert sorted(real.tolist()) == list(range(10))
+    flat = ids.flatten().cpu()
+    for tile, expert in zip(tiles.tolist(), tile_expert.cpu().tolist()):
+        members = [p for p in tile if p >= 0]
+        assert (expert == -1) == (not members)
+        assert all(flat[p] == expert for p in members)
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_moe_grouped_matches_reference(device, dtype, bound):
+    x, ids, weights, w = random_moe(tokens=20, hidden=64, inter=96, experts=4, topk=2, dtype=dtype, device=device)
+    out = moe_grouped(x, ids, weights, *w)
+    expected = reference.moe(x, ids, weights, *w)
+    assert out.dtype == dtype
     assert rel_error(out, expected) < bound

@@ -1,0 +1,33 @@
+"""Kubrick's Triton kernels for gpt-oss (sm80 … sm120), each checked against a plain-PyTorch reference.
+
+Kernel (module)                         what it computes                                   reference
+rmsnorm.rmsnorm                         RMSNorm, float32 statistics                        reference.rmsnorm
+router.router                           x W^T + b, top-k, softmax over the k               reference.router
+moe_gemv.moe_gemv                       MXFP4 MoE for few tokens (decode)                  reference.moe
+moe_grouped.moe_grouped                 MXFP4 MoE for many tokens (prefill), expert tiles  reference.moe
+attention.attention_prefill             flash-style causal GQA with sinks + window         reference.attention
+attention.attention_decode              split-KV decode with sinks + window, GQA shared    reference.attention
+moe()                                   picks moe_gemv or moe_grouped by token count
+
+Block sizes come from the per-architecture table in _common.py. Everything runs under TRITON_INTERPRET=1 on
+CPU tensors too (tests do that at small shapes); dots then use float32 operands because the 3.6 interpreter
+computes bf16 tl.dot wrong. Tests: tests/kernels (GPU ones marked gpu); bench: scripts/bench_kernels.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Above this many (token, expert) pairs the grouped kernel wins: experts get shared by several tokens, so
+# reading each expert once and feeding tensor cores beats one GEMV per pair.
+GEMV_MAX_PAIRS = 16
+
+
+def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, *weights, **kwargs) -> torch.Tensor:
+    """The MXFP4 MoE block (arguments as kernels.reference.moe): GEMV for few tokens, grouped tiles for many."""
+    from kubrick.engine.kernels.moe_gemv import moe_gemv
+    from kubrick.engine.kernels.moe_grouped import moe_grouped
+
+    if expert_ids.numel() <= GEMV_MAX_PAIRS:
+        return moe_gemv(x, expert_ids, expert_weights, *weights, **kwargs)
+    return moe_grouped(x, expert_ids, expert_weights, *weights, **kwargs)

@@ -1,0 +1,241 @@
+"""Attention with learned sinks and an optional sliding window, reading the KV cache in place.
+
+Layouts (any strides, last dim contiguous): q [B, T, QH, D]; cache k, v [B, S, KVH, D]; GQA: query head h
+reads KV head h // (QH // KVH). A sink is one extra logit per query head that joins the softmax denominator
+and adds nothing to the output; starting the online softmax at (max = sink, sum = 1) does exactly that.
+Window w > 0: a query at position p sees keys in (p - w, p]; w = 0: full causal.
+
+prefill: flash-style, one program per BLOCK_M queries of one head; it visits only the key blocks its causal
+         window can see (O(T * w) on sliding layers).
+decode:  one new query per sequence at position kv_len - 1. One program per (sequence, KV head, split): the
+         QH/KVH query heads of a group form the rows of one tl.dot, so the group's keys are read once; the
+         key range is cut into SPLITS pieces to fill the GPU, and a second small kernel merges the pieces'
+         (max, sum, weighted values) together with the sink. kv_lens live on the device (CUDA-graph safe).
+Scores run in the exp2 domain (log2(e) folded into the scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kubrick.engine.kernels._common import block_config, interpreting, num_sms
+
+LOG2E = 1.4426950408889634
+
+
+def _dot_dtype(dtype: torch.dtype):
+    # The CPU interpreter computes bf16 tl.dot wrong (FACTS.md): it gets float32 operands instead.
+    if interpreting() or dtype == torch.float32:
+        return tl.float32
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
+    n_tokens, start_pos, qk_scale,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch = (bh // Q_HEADS).to(tl.int64)
+    head = bh % Q_HEADS
+    kv_head = head // (Q_HEADS // KV_HEADS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < n_tokens
+    q_pos = start_pos + offs_m
+    q = tl.load(q_ptr + batch * sq_b + offs_m[:, None] * sq_t + head * sq_h + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0).to(DOT_DTYPE)
+    k_base = k_ptr + batch * sk_b + kv_head * sk_h
+    v_base = v_ptr + batch * sv_b + kv_head * sv_h
+
+    m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + 1.0
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+
+    hi = tl.minimum(start_pos + (pid_m + 1) * BLOCK_M, start_pos + n_tokens)
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(start_pos + pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+        visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        if WINDOW > 0:
+            visible &= offs_n[None, :] > q_pos[:, None] - WINDOW
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None])
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + batch * so_b + offs_m[:, None] * so_t + head * so_h + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor,
+    start_pos: int,
+    window: int = 0,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, T, QH, D] at positions start_pos.., cache [B, S, KVH, D] holding keys 0..start_pos+T-1 -> [B, T, QH, D]."""
+    batch, n_tokens, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert start_pos + n_tokens <= k_cache.shape[1] and q_heads % kv_heads == 0
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty_like(q) if out is None else out
+    cfg = block_config("attn_prefill", q.device)
+    grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), batch * q_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, sinks, out,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        n_tokens, start_pos, scale * LOG2E,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_DTYPE=_dot_dtype(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, kv_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, qk_scale,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    bk = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = (bk // KV_HEADS).to(tl.int64)
+    kv_head = bk % KV_HEADS
+    GROUP: tl.constexpr = Q_HEADS // KV_HEADS
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + batch * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    q = q.to(DOT_DTYPE)
+
+    kv_len = tl.load(kv_lens_ptr + batch)
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(kv_len - WINDOW, 0)
+    per_split = tl.cdiv(tl.cdiv(kv_len - lo, SPLITS), BLOCK_N) * BLOCK_N
+    s_lo = lo + split * per_split
+    s_hi = tl.minimum(s_lo + per_split, kv_len)
+    k_base = k_ptr + batch * sk_b + kv_head * sk_h
+    v_base = v_ptr + batch * sv_b + kv_head * sv_h
+
+    # A finite floor instead of -inf: an empty split then yields (floor, 0, 0) without inf - inf = NaN.
+    m_i = tl.zeros((BLOCK_G,), dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
+    for n0 in range(s_lo, s_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < s_hi
+        k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None])
+        m_i = m_new
+    row = (batch * Q_HEADS + heads) * SPLITS + split
+    tl.store(part_m_ptr + row, m_i, mask=mask_g)
+    tl.store(part_l_ptr + row, l_i, mask=mask_g)
+    tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, o_ptr, so_b, so_h,
+    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    batch = bh // Q_HEADS
+    head = bh % Q_HEADS
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.load(part_m_ptr + bh * SPLITS + offs_s)
+    l = tl.load(part_l_ptr + bh * SPLITS + offs_s)
+    acc = tl.load(part_acc_ptr + (bh * SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :])
+    sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+    m_all = tl.maximum(tl.max(m, axis=0), sink)
+    w = tl.exp2(m - m_all)
+    denom = tl.sum(l * w, axis=0) + tl.exp2(sink - m_all)
+    out = tl.sum(acc * w[:, None], axis=0) / denom
+    tl.store(o_ptr + batch * so_b + head * so_h + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+def pick_splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """A power of two giving about two programs per SM, but no split shorter than one key block."""
+    splits = 1
+    while batch * kv_heads * splits < 2 * num_sms(device) and max_len >= splits * 2 * block_n and splits < 64:
+        splits *= 2
+    return splits
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor,
+    kv_lens: torch.Tensor,
+    window: int = 0,
+    scale: float | None = None,
+    splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, QH, D], one new token per sequence; cache [B, S, KVH, D]; kv_lens int32 [B] keys valid (incl. the new one).
+
+    `splits` (a power of two) is fixed by the caller for CUDA graphs; by default it is picked for the cache size.
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q_heads % kv_heads == 0
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    cfg = block_config("attn_decode", q.device)
+    if splits is None:
+        span = min(window, k_cache.shape[1]) if window > 0 else k_cache.shape[1]
+        splits = pick_splits(batch, kv_heads, span, cfg["BLOCK_N"], q.device)
+    assert splits & (splits - 1) == 0
+    out = torch.empty_like(q) if out is None else out
+    part_m = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    group = q_heads // kv_heads
+    _decode_split_kernel[(batch * kv_heads, splits)](
+        q, k_cache, v_cache, kv_lens, part_m, part_l, part_acc,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale * LOG2E,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, SPLITS=splits,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], DOT_DTYPE=_dot_dtype(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _decode_combine_kernel[(batch * q_heads,)](
+        part_m, part_l, part_acc, sinks, out, out.stride(0), out.stride(1),
+        Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, num_warps=1 if splits * head_dim <= 1024 else 4,
+    )
+    return out

@@ -1,0 +1,171 @@
+"""MoE prefill path: token/expert pairs grouped by expert, tiled tl.dot on MXFP4 weights dequantised in registers.
+
+group_by_expert() sorts the T*k (token, slot) pairs by expert on the GPU (no host sync, so it can live in a
+CUDA graph) and pads each expert's run to a multiple of BLOCK_M; every tile of BLOCK_M pairs then belongs to
+one expert. Tiles past the end get expert -1 and exit at once (the grid is sized for the worst case).
+  mlp1: tile of BLOCK_M pairs x BLOCK_N output pairs; gate (row 2i) and linear (row 2i+1) accumulate in two
+        dots; bias + swiglu fused; h [T*k, I] in x's dtype.
+  mlp2: tile of BLOCK_M pairs x BLOCK_N rows; bias and router weight fused; float32 atomic add into out [T, H]
+        (a token's k experts live in different tiles).
+Packed bytes hold K positions (2j, 2j+1) in (low, high) nibble, so each K step runs two dots: activations at
+even K positions against the low nibbles, odd against the high ones; no interleave shuffle is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kubrick.engine.kernels._common import block_config, e2m1_over_16384, e8m0_times_16384, interpreting
+
+
+def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_ids [T, k] -> (pair ids int32 [tiles*block_m], -1 = padding; tile expert int32 [tiles], -1 = none)."""
+    flat = expert_ids.flatten().long()
+    pairs = flat.numel()
+    tiles = triton.cdiv(pairs, block_m) + n_experts  # worst case: every expert's run ends in a partial tile
+    counts = torch.bincount(flat, minlength=n_experts)
+    order = torch.argsort(flat, stable=True)
+    tiles_per_expert = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per_expert, 0)
+    tile_start = tile_end - tiles_per_expert
+    run_start = torch.cumsum(counts, 0) - counts
+    sorted_expert = flat[order]
+    rank = torch.arange(pairs, device=flat.device) - run_start[sorted_expert]
+    pair_ids = torch.full((tiles * block_m,), -1, dtype=torch.int32, device=flat.device)
+    pair_ids[tile_start[sorted_expert] * block_m + rank] = order.to(torch.int32)
+    tile_expert = torch.searchsorted(tile_end, torch.arange(tiles, device=flat.device), right=True)
+    tile_expert = torch.where(tile_expert < n_experts, tile_expert, -1).to(torch.int32)
+    return pair_ids, tile_expert
+
+
+@triton.jit
+def _dequant_tile(w_blocks, w_scales, rows, row_mask, b, K_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Weights of `rows` at byte columns b, transposed for tl.dot: (low nibbles, high nibbles), each [len(b), len(rows)]."""
+    mask = (b[:, None] < K_BYTES) & row_mask[None, :]
+    packed = tl.load(w_blocks + rows[None, :] * K_BYTES + b[:, None], mask=mask, other=0).to(tl.int32)
+    scale = tl.load(w_scales + rows[None, :] * (K_BYTES // 16) + b[:, None] // 16, mask=mask, other=0).to(tl.int32)
+    scale = e8m0_times_16384(scale)
+    low = (e2m1_over_16384(packed & 15) * scale).to(DOT_DTYPE)
+    high = (e2m1_over_16384(packed >> 4) * scale).to(DOT_DTYPE)
+    return low, high
+
+
+@triton.jit
+def _mlp1_swiglu_grouped_kernel(
+    x_ptr, stride_x, pair_ids_ptr, tile_expert_ptr, w_blocks, w_scales, bias_ptr, h_ptr,
+    INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid_m = pairs >= 0
+    tokens = tl.where(valid_m, pairs // TOPK, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < INTER
+    gate_rows = expert * (2 * INTER) + 2 * offs_n
+    lin_rows = gate_rows + 1
+    K_BYTES: tl.constexpr = HIDDEN // 2
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b0 in range(0, K_BYTES, BLOCK_K // 2):
+        b = b0 + tl.arange(0, BLOCK_K // 2)
+        x_mask = valid_m[:, None] & (b[None, :] < K_BYTES)
+        x_rows = x_ptr + tokens[:, None] * stride_x + 2 * b[None, :]
+        x_even = tl.load(x_rows, mask=x_mask, other=0.0).to(DOT_DTYPE)
+        x_odd = tl.load(x_rows + 1, mask=x_mask, other=0.0).to(DOT_DTYPE)
+        g_low, g_high = _dequant_tile(w_blocks, w_scales, gate_rows, mask_n, b, K_BYTES, DOT_DTYPE)
+        acc_gate = tl.dot(x_even, g_low, acc_gate)
+        acc_gate = tl.dot(x_odd, g_high, acc_gate)
+        l_low, l_high = _dequant_tile(w_blocks, w_scales, lin_rows, mask_n, b, K_BYTES, DOT_DTYPE)
+        acc_lin = tl.dot(x_even, l_low, acc_lin)
+        acc_lin = tl.dot(x_odd, l_high, acc_lin)
+    gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    lin = acc_lin + tl.load(bias_ptr + lin_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    gate = tl.minimum(gate, limit)
+    lin = tl.minimum(tl.maximum(lin, -limit), limit)
+    out = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
+    tl.store(h_ptr + pairs[:, None] * INTER + offs_n[None, :], out.to(h_ptr.dtype.element_ty),
+             mask=valid_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _mlp2_combine_grouped_kernel(
+    h_ptr, pair_ids_ptr, tile_expert_ptr, route_w_ptr, w_blocks, w_scales, bias_ptr, out_ptr, stride_out,
+    HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid_m = pairs >= 0
+    safe_pairs = tl.where(valid_m, pairs, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < HIDDEN
+    rows = expert * HIDDEN + offs_n
+    K_BYTES: tl.constexpr = INTER // 2
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b0 in range(0, K_BYTES, BLOCK_K // 2):
+        b = b0 + tl.arange(0, BLOCK_K // 2)
+        h_mask = valid_m[:, None] & (b[None, :] < K_BYTES)
+        h_rows = h_ptr + safe_pairs[:, None] * INTER + 2 * b[None, :]
+        h_even = tl.load(h_rows, mask=h_mask, other=0.0).to(DOT_DTYPE)
+        h_odd = tl.load(h_rows + 1, mask=h_mask, other=0.0).to(DOT_DTYPE)
+        w_low, w_high = _dequant_tile(w_blocks, w_scales, rows, mask_n, b, K_BYTES, DOT_DTYPE)
+        acc = tl.dot(h_even, w_low, acc)
+        acc = tl.dot(h_odd, w_high, acc)
+    y = acc + tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = y * tl.load(route_w_ptr + safe_pairs, mask=valid_m, other=0.0).to(tl.float32)[:, None]
+    tokens = safe_pairs // TOPK
+    tl.atomic_add(out_ptr + tokens[:, None] * stride_out + offs_n[None, :], y,
+                  mask=valid_m[:, None] & mask_n[None, :], sem="relaxed")
+
+
+def moe_grouped(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    mlp1_blocks: torch.Tensor,
+    mlp1_scales: torch.Tensor,
+    mlp1_bias: torch.Tensor,
+    mlp2_blocks: torch.Tensor,
+    mlp2_scales: torch.Tensor,
+    mlp2_bias: torch.Tensor,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> torch.Tensor:
+    """The MoE block for many tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe)."""
+    tokens, hidden = x.shape
+    topk = expert_ids.shape[1]
+    n_experts = mlp1_blocks.shape[0]
+    inter = mlp1_blocks.shape[1] // 2
+    for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_weights):
+        assert t.is_contiguous()
+    assert x.stride(-1) == 1 and hidden % 32 == 0 and inter % 32 == 0
+    cfg = block_config("moe_grouped", x.device)
+    # The CPU interpreter computes bf16 tl.dot wrong (FACTS.md): it gets float32 operands instead.
+    dot_dtype = tl.float32 if interpreting() or x.dtype == torch.float32 else tl.bfloat16
+    if x.dtype == torch.float16 and not interpreting():
+        dot_dtype = tl.float16
+    block_m = cfg["BLOCK_M"]
+    pair_ids, tile_expert = group_by_expert(expert_ids, n_experts, block_m)
+    tiles = tile_expert.numel()
+    h = torch.empty(tokens * topk, inter, dtype=x.dtype, device=x.device)
+    common = dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_DTYPE=dot_dtype,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
+        x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
+        INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit, **common,
+    )
+    out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, cfg["BLOCK_N"]))](
+        h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
+        HIDDEN=hidden, INTER=inter, TOPK=topk, **common,
+    )
+    return out.to(x.dtype)

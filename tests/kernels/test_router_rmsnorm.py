@@ -1,0 +1,38 @@
+"""Router top-k + softmax and RMSNorm kernels against their references."""
+
+import pytest
+import torch
+
+from kubrick.engine.kernels import reference
+from kubrick.engine.kernels.rmsnorm import rmsnorm
+from kubrick.engine.kernels.router import router
+
+from .helpers import rel_error
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_rmsnorm_matches_reference(device, dtype, bound):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 3, 200, generator=gen) * 3).to(device=device, dtype=dtype)  # 200: not a power of two
+    w = torch.randn(200, generator=gen).to(device)
+    out = rmsnorm(x, w)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert rel_error(out, reference.rmsnorm(x, w)) < bound
+
+
+@pytest.mark.parametrize("experts,k", [(32, 4), (12, 3)])
+def test_router_picks_the_top_k_and_softmaxes_them(device, experts, k):
+    gen = torch.Generator().manual_seed(experts)
+    x = torch.randn(7, 96, generator=gen).to(device=device, dtype=torch.bfloat16)
+    w = torch.randn(experts, 96, generator=gen).to(device=device, dtype=torch.bfloat16)
+    b = torch.randn(experts, generator=gen).to(device=device, dtype=torch.bfloat16)
+    ids, weights = router(x, w, b, k)
+    ref_ids, ref_weights = reference.router(x, w, b, k)
+    logits = x.float() @ w.float().T + b.float()
+    # Robust to near-ties: the chosen experts' logits must be the k largest, in falling order.
+    chosen = logits.gather(1, ids.long())
+    assert torch.allclose(chosen, logits.gather(1, ref_ids.long()), rtol=1e-5, atol=1e-5)
+    assert (ids >= 0).all() and (ids < experts).all()
+    assert all(len(set(row)) == k for row in ids.tolist())
+    assert rel_error(weights, ref_weights) < 1e-5
+    assert torch.allclose(weights.sum(-1), torch.ones(7, device=device))
