@@ -1,0 +1,177 @@
+"""Engine: a conversation in, a stream of reasoning/answer deltas out, on one gpt-oss checkpoint.
+
+One generation at a time (the scheduler queues requests in front of it). The KV cache is kept between
+requests, so a follow-up turn whose prompt extends the last conversation only prefills its new tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kubrick import __version__
+from kubrick.engine import harmony
+from kubrick.engine.api import (
+    CancelToken,
+    ContentDelta,
+    EngineError,
+    Event,
+    Finished,
+    InvalidRequest,
+    Message,
+    ReasoningDelta,
+    SamplingParams,
+    Usage,
+    parse_params,
+)
+from kubrick.engine.checkpoint import load_checkpoint
+from kubrick.engine.model import Transformer
+from kubrick.engine.sampler import Sampler
+from kubrick.engine.stop import StopStrings
+
+DEFAULT_CONTEXT_LENGTH = 8192
+
+
+def _validated(params: SamplingParams) -> SamplingParams:
+    """The same checks a request's raw parameters get (a caller may build SamplingParams by hand)."""
+    raw = asdict(params)
+    raw["stop"] = list(raw["stop"])
+    return parse_params(raw)
+
+
+class Engine:
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", context_length: int = DEFAULT_CONTEXT_LENGTH):
+        if context_length < 2:
+            raise EngineError(f"context length must be at least 2 tokens, not {context_length}")
+        try:
+            self.torch_device = torch.device(device)
+        except RuntimeError:
+            raise EngineError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        if self.torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"device {device} asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+        harmony.encoding()  # fail early, with one clear line, if the vocabulary is missing
+        self.checkpoint = Path(checkpoint)
+        self.device = str(self.torch_device)
+        self.context_length = context_length
+        self.version = f"{__version__}-reference"
+        self.config, weights = load_checkpoint(self.checkpoint, self.torch_device)
+        self.model = Transformer(self.config, weights)
+        self.cache = self.model.new_cache(context_length)
+        self.cached_tokens: list[int] = []  # the tokens whose keys/values the cache holds
+        self.stop_tokens = harmony.stop_tokens()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, checkpoint=None, device=None, context_length=None) -> "Engine":
+        """Arguments win over TRITON_CHECKPOINT/TRITON_MODEL, TRITON_DEVICE, TRITON_CONTEXT_LENGTH, then defaults."""
+        checkpoint = checkpoint or os.environ.get("TRITON_CHECKPOINT") or os.environ.get("TRITON_MODEL")
+        if not checkpoint:
+            raise EngineError("no checkpoint: pass one or set TRITON_CHECKPOINT to a gpt-oss checkpoint folder")
+        device = device or os.environ.get("TRITON_DEVICE") or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        if context_length is None:
+            raw = os.environ.get("TRITON_CONTEXT_LENGTH", str(DEFAULT_CONTEXT_LENGTH))
+            try:
+                context_length = int(raw)
+            except ValueError:
+                raise EngineError(f"TRITON_CONTEXT_LENGTH must be a whole number of tokens, not {raw!r}") from None
+        return cls(checkpoint, device=device, context_length=context_length)
+
+    def kv_cache_usage(self) -> float:
+        return self.cache.usage()
+
+    def render(self, messages: list[Message], params: SamplingParams) -> list[int]:
+        return harmony.render_prompt(messages, params.reasoning_effort)
+
+    def generate(
+        self, messages: list[Message], params: SamplingParams, cancel: CancelToken | None = None
+    ) -> Iterator[Event]:
+        """Check the request now (InvalidRequest before any event), then stream its events."""
+        params = _validated(params)
+        if not messages:
+            raise InvalidRequest("no messages; send at least one user message")
+        prompt = self.render(messages, params)
+        if len(prompt) >= self.context_length:
+            raise InvalidRequest(
+                f"the conversation is {len(prompt)} tokens, more than the context of {self.context_length} allows "
+                "(room for at least one reply token is needed); shorten it or start a new one"
+            )
+        return self._stream(prompt, params, cancel or CancelToken())
+
+    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Logits after the prompt, reusing the cached prefix the last request left behind."""
+        shared = 0
+        for a, b in zip(self.cached_tokens, prompt[:-1]):  # at least one token must run to give logits
+            if a != b:
+                break
+            shared += 1
+        self.cache.truncate(shared)
+        self.cached_tokens = list(prompt)
+        tokens = torch.tensor(prompt[shared:], dtype=torch.long, device=self.torch_device)
+        return self.model(tokens, self.cache)[-1]
+
+    def _step(self, token: int) -> torch.Tensor:
+        self.cached_tokens.append(token)
+        return self.model(torch.tensor([token], device=self.torch_device), self.cache)[-1]
+
+    def _stream(self, prompt: list[int], params: SamplingParams, cancel: CancelToken) -> Iterator[Event]:
+        with self._lock:
+            start = time.perf_counter()
+            first_token_at = None
+            sampler = Sampler(params)
+            parser = harmony.HarmonyStream()
+            stops = StopStrings(params.stop)
+            produced, reason = 0, "length"
+            try:
+                logits = None if cancel.cancelled else self._prefill(prompt)
+                while True:
+                    if cancel.cancelled:
+                        reason = "cancelled"
+                        break
+                    token = sampler(logits)
+                    produced += 1
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    if token in self.stop_tokens:
+                        reason = "stop"
+                        break
+                    stopped = False
+                    for delta in parser.feed(token):
+                        text, stopped = stops.push(delta)
+                        if text:
+                            yield type(delta)(text)
+                        if stopped:
+                            break
+                    if stopped:
+                        reason = "stop"
+                        break
+                    if produced >= params.max_tokens or len(self.cached_tokens) + 1 >= self.context_length:
+                        break
+                    logits = self._step(token)
+                if not stops.stopped:  # a stop string hides everything after it; otherwise show what is held
+                    for delta in parser.finish():
+                        text, _ = stops.push(delta)
+                        if text:
+                            yield type(delta)(text)
+                    yield from stops.flush()
+            except torch.cuda.OutOfMemoryError:
+                raise EngineError("the GPU ran out of memory; try a shorter conversation or a smaller context length") from None
+            finally:
+                # Whatever happened (an error, a consumer that walked away), keep the token list true to the cache.
+                self.cached_tokens = self.cached_tokens[: self.cache.length]
+            end = time.perf_counter()
+            first_token_at = first_token_at or end
+            decode_time = end - first_token_at
+            rate = (produced - 1) / decode_time if produced > 1 and decode_time > 0 else produced / max(end - start, 1e-9)
+            usage = Usage(
+                prompt_tokens=len(prompt),
+                completion_tokens=produced,
+                time_to_first_token_s=first_token_at - start,
+                tokens_per_s=rate,
+            )
+            yield Finished(usage=usage, reason=reason)
