@@ -25,7 +25,8 @@ def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> t
     flat = expert_ids.flatten().long()
     pairs = flat.numel()
     tiles = triton.cdiv(pairs, block_m) + n_experts  # worst case: every expert's run ends in a partial tile
-    counts = torch.bincount(flat, minlength=n_experts)
+    # scatter_add, not bincount: bincount syncs with the host on CUDA, which breaks CUDA-graph capture.
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     order = torch.argsort(flat, stable=True)
     tiles_per_expert = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per_expert, 0)

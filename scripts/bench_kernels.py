@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""Time each Triton kernel at gpt-oss-20b shapes on a CUDA GPU and compare it with its roofline.
+
+Memory-bound kernels (decode) are measured against the device-to-device copy bandwidth measured in the same
+run; compute-bound ones (prefill) report TFLOP/s. Every kernel runs over LAYERS distinct weight/cache copies
+inside one CUDA graph, so nothing is served from L2 that a real decode step would have to read from HBM.
+
+    python scripts/bench_kernels.py [--json out.json] [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kubrick.engine.kernels.attention import attention_decode, attention_prefill  # noqa: E402
+from kubrick.engine.kernels.moe_gemv import moe_gemv  # noqa: E402
+from kubrick.engine.kernels.moe_grouped import moe_grouped  # noqa: E402
+from kubrick.engine.kernels.rmsnorm import rmsnorm  # noqa: E402
+from kubrick.engine.kernels.router import router  # noqa: E402
+
+HIDDEN, INTER, EXPERTS, TOPK = 2880, 2880, 32, 4
+Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 64, 8, 64, 128
+BF16 = torch.bfloat16
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 20 copies."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(22):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def time_per_call(calls: list, replays: int = 20) -> float:
+    """Seconds per call, with all `calls` (one per layer copy) captured in one CUDA graph and replayed."""
+    for call in calls:
+        call()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays / len(calls)
+
+
+def mxfp4_expert_bytes() -> int:
+    mlp1 = 2 * INTER * (HIDDEN // 2 + HIDDEN // 32 + 2)  # packed values + scales + bf16 bias
+    mlp2 = HIDDEN * (INTER // 2 + INTER // 32 + 2)
+    return mlp1 + mlp2
+
+
+def moe_weights(layers: int):
+    def one():
+        w1b = torch.randint(0, 256, (EXPERTS, 2 * INTER, HIDDEN // 32, 16), dtype=torch.uint8, device="cuda")
+        w1s = torch.randint(118, 125, (EXPERTS, 2 * INTER, HIDDEN // 32), dtype=torch.uint8, device="cuda")
+        w2b = torch.randint(0, 256, (EXPERTS, HIDDEN, INTER // 32, 16), dtype=torch.uint8, device="cuda")
+        w2s = torch.randint(118, 125, (EXPERTS, HIDDEN, INTER // 32), dtype=torch.uint8, device="cuda")
+        b1 = torch.randn(EXPERTS, 2 * INTER, device="cuda", dtype=BF16) * 0.1
+        b2 = torch.randn(EXPERTS, HIDDEN, device="cuda", dtype=BF16) * 0.1
+        return (w1b, w1s, b1, w2b, w2s, b2)
+
+    return [one() for _ in range(layers)]
+
+
+def routing(tokens: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.randn(tokens, EXPERTS, device="cuda", generator=gen)
+    ids = scores.topk(TOPK, dim=-1).indices.to(torch.int32)
+    return ids, torch.softmax(torch.randn(tokens, TOPK, device="cuda", generator=gen), dim=-1)
+
+
+def bench(layers: int) -> tuple[list[dict], float]:
+    bandwidth = copy_bandwidth()
+    rows: list[dict] = []
+
+    def add(name, seconds, nbytes=None, flops=None, note=""):
+        row = dict(kernel=name, us=seconds * 1e6, note=note)
+        if nbytes is not None:
+            row.update(bytes=nbytes, gbps=nbytes / seconds / 1e9, pct_copy=100 * nbytes / seconds / bandwidth)
+        if flops is not None:
+            row.update(tflops=flops / seconds / 1e12)
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+    experts = moe_weights(layers)
+    for tokens in (1, 8, 64):
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        unique = sum(int(ids.unique().numel()) for ids, _ in routes) / layers
+        nbytes = int(unique * mxfp4_expert_bytes())
+        if tokens <= 16:
+            sec = time_per_call([lambda r=r, w=w: moe_gemv(x, *r, *w) for r, w in zip(routes, experts)])
+            add(f"moe_gemv T={tokens}", sec, nbytes, note=f"{unique:.1f} experts read")
+        sec = time_per_call([lambda r=r, w=w: moe_grouped(x, *r, *w) for r, w in zip(routes, experts)])
+        add(f"moe_grouped T={tokens}", sec, nbytes, note=f"{unique:.1f} experts read")
+    tokens = 2048
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+    routes = [routing(tokens, seed) for seed in range(layers)]
+    flops = 2 * tokens * TOPK * (HIDDEN * 2 * INTER + INTER * HIDDEN)
+    sec = time_per_call([lambda r=r, w=w: moe_grouped(x, *r, *w) for r, w in zip(routes, experts)], replays=5)
+    add(f"moe_grouped T={tokens}", sec, flops=flops, note="prefill")
+    del experts
+
+    gate = [(torch.randn(EXPERTS, HIDDEN, device="cuda", dtype=BF16), torch.randn(EXPERTS, device="cuda", dtype=BF16))
+            for _ in range(layers)]
+    for tokens in (1, 64):
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        sec = time_per_call([lambda g=g: router(x, *g, TOPK) for g in gate])
+        add(f"router T={tokens}", sec, EXPERTS * HIDDEN * 2 + tokens * HIDDEN * 2)
+    norm_w = torch.randn(HIDDEN, device="cuda")
+    for tokens in (1, 2048):
+        xs = [torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16) for _ in range(layers)]
+        sec = time_per_call([lambda x=x: rmsnorm(x, norm_w) for x in xs])
+        add(f"rmsnorm T={tokens}", sec, 2 * tokens * HIDDEN * 2 + HIDDEN * 4)
+
+    sinks = torch.randn(Q_HEADS, device="cuda")
+    for batch, context, window in ((1, 4096, WINDOW), (1, 4096, 0), (1, 128, 0), (8, 4096, 0), (64, 1024, 0)):
+        caches = [(torch.randn(batch, context, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16),
+                   torch.randn(batch, context, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16)) for _ in range(layers)]
+        q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        span = min(window, context) if window else context
+        sec = time_per_call([lambda c=c: attention_decode(q, *c, sinks, lens, window=window) for c in caches])
+        nbytes = batch * span * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * q.numel() * 2
+        add(f"attn_decode B={batch} ctx={context} window={window}", sec, nbytes)
+        del caches
+    n_tokens = 2048
+    for window in (0, WINDOW):
+        q = torch.randn(1, n_tokens, Q_HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+        k = torch.randn(1, n_tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+        v = torch.randn_like(k)
+        pairs = n_tokens * (n_tokens + 1) / 2 if window == 0 else n_tokens * WINDOW
+        flops = 4 * Q_HEADS * HEAD_DIM * pairs
+        sec = time_per_call([lambda: attention_prefill(q, k, v, sinks, 0, window=window)] * layers, replays=5)
+        add(f"attn_prefill T={n_tokens} window={window}", sec, flops=flops, note="prefill")
+    return rows, bandwidth
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['kernel']:<36} {row['us']:9.1f} us"]
+    if "gbps" in row:
+        parts.append(f"{row['bytes'] / 1e6:9.2f} MB {row['gbps']:8.1f} GB/s {row['pct_copy']:6.1f}% of copy")
+    if "tflops" in row:
+        parts.append(f"{row['tflops']:8.1f} TFLOP/s")
+    if row["note"]:
+        parts.append(f"({row['note']})")
+    return "  ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("bench_kernels.json"), help="where to write the results")
+    parser.add_argument("--layers", type=int, default=8, help="distinct weight/cache copies per timed graph")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels: needs a CUDA GPU")
+    print(f"device: {torch.cuda.get_device_name()}  capability {torch.cuda.get_device_capability()}  "
+          f"torch {torch.__version__}", flush=True)
+    rows, bandwidth = bench(args.layers)
+    print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    result = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+        torch=torch.__version__, host=platform.node(), copy_gbps=bandwidth / 1e9, rows=rows,
+    )
+    tmp = args.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(args.json)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
