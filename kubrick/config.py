@@ -46,7 +46,10 @@ def _float_in(low: float, high: float | None, low_open: bool = False) -> Callabl
     def check(value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
-        number = float(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
         if number != number or number in (float("inf"), float("-inf")):
             raise ValueError(f"expected a finite number, got {value!r}")
         if (number <= low if low_open else number < low) or (high is not None and number > high):
@@ -61,7 +64,10 @@ def _int_at_least(low: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"expected a whole number, got {value!r}")
-        number = int(value)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {value!r}") from None
         if number < low:
             raise ValueError(f"expected {low} or more, got {value!r}")
         return number
@@ -74,7 +80,10 @@ def _optional_int(value: Any) -> int | None:
         return None
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(f"expected a whole number, got {value!r}")
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a whole number or none, got {value!r}") from None
 
 
 def _effort(value: Any) -> str:

@@ -1,0 +1,1 @@
+"""The terminal chat: REPL, slash commands, rendering and the conversation store."""
