@@ -7,6 +7,7 @@ same way.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from kubrick.server.install import TritonInstall, find_triton, prepare_backend_d
 MODEL_NAME = "llm_decoupled"
 # Log lines a CPU-only machine always shows; they never explain a failure.
 _HARMLESS = ("CudaDriverHelper", "pinned memory", "NVML", "DCGM", "CUDA memory pool")
+_LOG_PREFIX = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ")  # I1122 20:05:15.643979 8762 server.cc:241]
 
 
 @dataclass
@@ -147,16 +149,24 @@ class TritonServer:
             return ""
 
     def log_excerpt(self, lines: int = 20) -> str:
-        """The log lines that explain a failure: Triton's errors (E…) and the model's traceback, else the tail."""
-        text = self.log_text().splitlines()
-        relevant = [
-            _readable(line)
-            for line in text
-            if (line.startswith("E") or line.startswith("error:") or "Failed to" in line or "Traceback" in line)
-            and not any(noise in line for noise in _HARMLESS)
-        ]
-        chosen = relevant[-lines:] if relevant else text[-lines:]
-        return "\n".join("  " + line for line in chosen) or "  (the log is empty)"
+        """The log lines that explain a failure, each error once (Triton repeats the model's error at every
+        layer), with the model's traceback the first time; else the tail of the log."""
+        shown: list[str] = []
+        out: list[str] = []
+        for line in self.log_text().splitlines():
+            if not (line.startswith(("E", "error:")) or "Failed to" in line) or any(n in line for n in _HARMLESS):
+                continue
+            message = _LOG_PREFIX.sub("", line).strip().strip('"')
+            head, _, rest = message.replace("\\n", "\n").partition("\n")
+            if any(old[-60:] in head for old in shown):
+                continue
+            shown.append(head)
+            out.append(head)
+            if not out[:-1]:  # the first error: keep its traceback ("At: file(line): function")
+                out.extend("    " + t.strip() for t in rest.splitlines() if t.strip() and t.strip() not in ('"', "At:"))
+        if not out:
+            out = self.log_text().splitlines()[-lines:]
+        return "\n".join("  " + line for line in out[:lines]) or "  (the log is empty)"
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -191,46 +201,3 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _readable(line: str) -> str:
-    """Triton quotes messages with escaped newlines; unescape them so a traceback reads as one."""
-    return line.replace("\\n", "\n  ").replace('\\"', '"')
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def start_local_server(
-    checkpoint: Path,
-    model_repository: Path,
-    device: str = "cpu",
-    context_length: int | None = None,
-    timeout: float = 600.0,
-) -> TritonServer:
-    """A ready server on free loopback ports (tests and benchmarks); the caller stops it."""
-    env = {"TRITON_CHECKPOINT": str(checkpoint), "TRITON_DEVICE": device}
-    if context_length:
-        env["TRITON_CONTEXT_LENGTH"] = str(context_length)
-    config = ServerConfig(
-        model_repository=model_repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        model_config_name="gpu" if device.startswith("cuda") else None,
-        env=env,
-    )
-    server = TritonServer(config)
-    try:
-        server.start()
-        server.wait_ready(timeout=timeout)
-    except BaseException:
-        server.stop()
-        raise
-    return server

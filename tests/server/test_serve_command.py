@@ -1,0 +1,222 @@
+"""`kubrick serve` as a person runs it, and the parts it is built from (binary discovery, backend dir, settings)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kubrick.errors import KubrickError
+from kubrick.server import default_model
+from kubrick.server.install import STUB, find_triton, prepare_backend_dir, python_version, server_env
+from kubrick.server.process import free_port
+from kubrick.server.serve import check_ports_free, device_settings, shipped_model_repository
+
+from .conftest import messages, stream_events
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def kubrick_command() -> list[str]:
+    script = Path(sys.executable).with_name("kubrick")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kubrick.cli"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No checkpoint or device settings from the outside; a private cache; a working folder without ./models."""
+    for name in ("TRITON_CHECKPOINT", "TRITON_MODEL", "TRITON_DEVICE", "TRITON_CONTEXT_LENGTH", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KUBRICK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# The parts
+
+
+def test_the_wheel_tritonserver_and_a_stub_for_this_python_are_found():
+    install = find_triton()
+    assert install.binary.is_file() and os.access(install.binary, os.X_OK)
+    if install.source == "nvidia-pytriton wheel":
+        assert install.stub is not None and f"/{python_version()}/" in str(install.stub)
+        assert any(p.name == "nvidia_pytriton.libs" for p in install.lib_dirs)
+
+
+def test_backend_dir_holds_the_python_backend_and_the_stub(tmp_path):
+    backends = prepare_backend_dir(find_triton(), tmp_path / "backends")
+    names = {p.name for p in (backends / "python").iterdir()}
+    assert {"libtriton_python.so", "triton_python_backend_utils.py", STUB} <= names
+
+
+def test_server_environment_runs_the_stub_in_this_python_environment():
+    env = server_env(find_triton(), base={"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/x"})
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[-1] == "/opt/x"  # the caller's libraries are kept
+
+
+def test_cache_folder_follows_kubrick_cache_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("KUBRICK_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_model.cache_dir() == tmp_path / "xdg" / "kubrick"
+    monkeypatch.setenv("KUBRICK_CACHE", str(tmp_path / "mine"))
+    assert default_model.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("KUBRICK_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_model.cache_dir() == Path.home() / ".cache" / "kubrick"
+
+
+def test_checkpoint_choice_flag_then_env_then_default_location_then_embedded(clean_env, monkeypatch, tiny_checkpoint):
+    assert default_model.resolve_checkpoint(None) == (None, "embedded default")
+    local = clean_env / "models" / "gpt-oss-20b" / "original"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text("{}")
+    assert default_model.resolve_checkpoint(None)[0] == (clean_env / "models" / "gpt-oss-20b").resolve()
+    monkeypatch.setenv("TRITON_CHECKPOINT", str(tiny_checkpoint))
+    assert default_model.resolve_checkpoint(None) == (tiny_checkpoint.resolve(), "$TRITON_CHECKPOINT")
+    assert default_model.resolve_checkpoint(tiny_checkpoint)[1] == "--checkpoint"
+    with pytest.raises(KubrickError, match="does not exist"):
+        default_model.resolve_checkpoint(clean_env / "nowhere")
+    with pytest.raises(KubrickError, match="not a gpt-oss checkpoint"):
+        default_model.resolve_checkpoint(clean_env)
+
+
+def test_embedded_default_is_created_once(clean_env):
+    path, created = default_model.ensure_embedded_default()
+    assert created and default_model.is_checkpoint(path) and path.is_relative_to(clean_env / "cache")
+    assert (path / "KUBRICK_RANDOM_CHECKPOINT").exists()
+    assert default_model.ensure_embedded_default() == (path, False)
+
+
+def test_device_picks_the_model_config_and_gpu(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device_settings("cpu") == (None, {"TRITON_DEVICE": "cpu"})
+    assert device_settings("cuda:1") == ("gpu", {"TRITON_DEVICE": "cuda:0", "CUDA_VISIBLE_DEVICES": "1"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert device_settings("cuda:1")[1]["CUDA_VISIBLE_DEVICES"] == "5"
+    with pytest.raises(KubrickError, match="CUDA_VISIBLE_DEVICES"):
+        device_settings("cuda:2")
+
+
+def test_cpu_and_gpu_model_configs_differ_only_in_instance_group():
+    model = shipped_model_repository() / "llm_decoupled"
+
+    def settings(path: Path) -> list[str]:
+        return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+    cpu, gpu = settings(model / "config.pbtxt"), settings(model / "configs" / "gpu.pbtxt")
+    assert [line for line in cpu if "instance_group" not in line] == [line for line in gpu if "instance_group" not in line]
+    assert any("KIND_CPU" in line for line in cpu) and any("KIND_GPU" in line for line in gpu)
+    assert not re.search(r'name:\s*"parameters"', (model / "config.pbtxt").read_text())
+
+
+def test_a_taken_port_is_reported_with_the_flag_to_change():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(KubrickError, match="--grpc-port"):
+            check_ports_free("127.0.0.1", {"--http-port": free_port(), "--grpc-port": port})
+
+
+@pytest.mark.slow
+def test_a_built_wheel_carries_the_model_repository(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(tmp_path)],
+        check=True, capture_output=True, cwd=tmp_path, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("kubrick-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("config.pbtxt", "configs/gpu.pbtxt", "1/model.py"):
+        assert f"kubrick/triton_repository/llm_decoupled/{name}" in names
+
+
+# The command
+
+
+def run_kubrick(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*kubrick_command(), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_serve_with_a_missing_checkpoint_says_so_in_one_line(clean_env):
+    result = run_kubrick("serve", "--checkpoint", str(clean_env / "missing"), "--http-port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("kubrick: error: checkpoint")
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+class ServeProcess:
+    """`kubrick serve` in the background, its output read line by line."""
+
+    def __init__(self, *args: str, env: dict | None = None, cwd: Path | None = None):
+        self.ports = [free_port(), free_port(), free_port()]
+        self.process = subprocess.Popen(
+            [*kubrick_command(), "serve", "--http-port", str(self.ports[0]), "--grpc-port", str(self.ports[1]),
+             "--metrics-port", str(self.ports[2]), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **(env or {})},
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        for stream, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr)):
+            threading.Thread(target=lambda s=stream, l=lines: [l.append(x) for x in s], daemon=True).start()
+
+    def wait_for_url(self, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            for line in self.stdout:
+                if match := re.search(r"Triton is serving llm_decoupled at (\S+)", line):
+                    return match.group(1)
+            time.sleep(0.1)
+        raise AssertionError(f"no URL; stdout: {''.join(self.stdout)} stderr: {''.join(self.stderr)}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_serve_starts_the_embedded_default_answers_and_stops_cleanly(clean_env, stop_signal):
+    serve = ServeProcess(cwd=clean_env)
+    try:
+        url = serve.wait_for_url()
+        assert url == f"http://127.0.0.1:{serve.ports[0]}"
+        stderr = "".join(serve.stderr)
+        assert "RANDOM weights" in stderr and "kubrick serve --checkpoint" in stderr
+        events = stream_events(url, messages("hello"), {"temperature": 0, "max_tokens": 8})
+        assert events[-1]["type"] == "complete"
+        serve.process.send_signal(stop_signal)
+        assert serve.process.wait(timeout=60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/v2/health/live", timeout=2)
+    finally:
+        serve.close()
+
+
+@pytest.mark.slow
+def test_serve_that_fails_to_start_shows_the_log_lines_and_exits_non_zero(clean_env):
+    broken = clean_env / "broken" / "original"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text('{"num_hidden_layers": 2}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    serve = ServeProcess("--checkpoint", str(broken.parent), cwd=clean_env)
+    try:
+        assert serve.process.wait(timeout=300) == 1
+    finally:
+        serve.close()
+    stderr = "".join(serve.stderr)
+    assert "kubrick: error: tritonserver exited" in stderr
+    assert "llm_decoupled" in stderr  # Triton's own line about the model that failed to load
+    assert "full log:" in stderr and "Traceback (most recent call last)" not in stderr.split("\n", 1)[0]
