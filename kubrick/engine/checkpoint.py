@@ -192,15 +192,20 @@ def load_checkpoint(folder: Path, device: str | torch.device = "cpu") -> tuple[M
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise CheckpointError(f"checkpoint {place} has unexpected tensor {extra[0]}{more} (in {where[extra[0]].name}); does config.json match the weights?")
+    # Shapes first, in the model's own order and before reading any data: the first complaint is the useful one.
+    for name, (shape, _) in spec.items():
+        with safe_open(str(where[name]), framework="pt") as f:
+            actual = tuple(f.get_slice(name).get_shape())
+        if actual != shape:
+            raise CheckpointError(
+                f"tensor {name} in {where[name].name} has shape {list(actual)}, config.json implies {list(shape)}"
+            )
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                shape, kind = spec[name]
-                actual = tuple(f.get_slice(name).get_shape())
-                if actual != shape:
-                    raise CheckpointError(f"tensor {name} in {file.name} has shape {list(actual)}, config.json implies {list(shape)}")
                 t = f.get_tensor(name)
+                kind = spec[name][1]
                 if kind == UINT8 and t.dtype != torch.uint8:
                     raise CheckpointError(f"tensor {name} in {file.name} is {t.dtype}, expected uint8 MXFP4 data")
                 if kind == FLOAT and not t.is_floating_point():

@@ -71,7 +71,10 @@ class HarmonyStream:
             self.parser.process(token)
         except oh.HarmonyError:
             return self._abandon_format(token)
-        if self.parser.state == oh.StreamState.HEADER or self.parser.state == oh.StreamState.EXPECT_START:
+        if self.parser.state == oh.StreamState.EXPECT_START:  # the token closed a message
+            self.unplaced.clear()
+            return []
+        if self.parser.state == oh.StreamState.HEADER:
             self.unplaced.append(token)
             if len(self.unplaced) > MAX_HEADER_TOKENS:
                 return self._abandon_format()

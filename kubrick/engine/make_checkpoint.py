@@ -120,6 +120,9 @@ def make_checkpoint(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the finished folder should look like any other
     except OSError as err:
         raise KubrickError(f"cannot write into {out.parent}: {err.strerror or err}") from None
     try:

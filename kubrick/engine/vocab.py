@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -41,13 +42,13 @@ def install(target: Path | None = None) -> Path:
     dest = target / FILE_NAME
     if dest.is_file() and _sha256(dest) == SHA256:
         return dest
-    try:
-        import bpe_openai
-    except ImportError:
-        raise VocabularyMissing(
-            "the o200k_base vocabulary needs the bpe-openai package: pip install bpe-openai==0.1.4"
-        ) from None
-    source = Path(bpe_openai.__file__).parent / "data" / f"{FILE_NAME}.gz"
+    try:  # locate the package without importing it (its import loads every vocabulary it ships)
+        spec = importlib.util.find_spec("bpe_openai")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise VocabularyMissing("the o200k_base vocabulary needs the bpe-openai package: pip install bpe-openai==0.1.4")
+    source = Path(spec.origin).parent / "data" / f"{FILE_NAME}.gz"
     if not source.is_file():
         raise VocabularyMissing(f"{source} is missing from the bpe-openai package; reinstall bpe-openai==0.1.4")
     data = gzip.decompress(source.read_bytes())
