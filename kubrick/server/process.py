@@ -201,3 +201,41 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_local_server(
+    checkpoint: Path,
+    model_repository: Path,
+    device: str = "cpu",
+    context_length: int | None = None,
+    timeout: float = 600.0,
+) -> TritonServer:
+    """A ready server on free loopback ports (tests and benchmarks); the caller stops it."""
+    env = {"TRITON_CHECKPOINT": str(checkpoint), "TRITON_DEVICE": device}
+    if context_length:
+        env["TRITON_CONTEXT_LENGTH"] = str(context_length)
+    config = ServerConfig(
+        model_repository=model_repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        model_config_name="gpu" if device.startswith("cuda") else None,
+        env=env,
+    )
+    server = TritonServer(config)
+    try:
+        server.start()
+        server.wait_ready(timeout=timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
