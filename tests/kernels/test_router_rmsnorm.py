@@ -20,11 +20,12 @@ def test_rmsnorm_matches_reference(device, dtype, bound):
     assert rel_error(out, reference.rmsnorm(x, w)) < bound
 
 
-@pytest.mark.parametrize("experts,k", [(32, 4), (12, 3)])
-def test_router_picks_the_top_k_and_softmaxes_them(device, experts, k):
+@pytest.mark.parametrize("experts,k,tokens,hidden", [(32, 4, 7, 96), (12, 3, 7, 96), (32, 4, 1, 600)])
+def test_router_picks_the_top_k_and_softmaxes_them(device, experts, k, tokens, hidden):
+    # (1 token, hidden 600) splits the logits over several programs; the others use one per token.
     gen = torch.Generator().manual_seed(experts)
-    x = torch.randn(7, 96, generator=gen).to(device=device, dtype=torch.bfloat16)
-    w = torch.randn(experts, 96, generator=gen).to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
+    w = torch.randn(experts, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
     b = torch.randn(experts, generator=gen).to(device=device, dtype=torch.bfloat16)
     ids, weights = router(x, w, b, k)
     ref_ids, ref_weights = reference.router(x, w, b, k)
@@ -35,4 +36,4 @@ def test_router_picks_the_top_k_and_softmaxes_them(device, experts, k):
     assert (ids >= 0).all() and (ids < experts).all()
     assert all(len(set(row)) == k for row in ids.tolist())
     assert rel_error(weights, ref_weights) < 1e-5
-    assert torch.allclose(weights.sum(-1), torch.ones(7, device=device))
+    assert torch.allclose(weights.sum(-1), torch.ones(tokens, device=device))

@@ -27,11 +27,12 @@ from kubrick.engine.kernels._common import block_config, interpreting, num_sms
 LOG2E = 1.4426950408889634
 
 
-def _dot_dtype(dtype: torch.dtype):
+def _dot_args(dtype: torch.dtype) -> dict:
+    """tl.dot operand dtype and precision: float32 dots run in IEEE fp32, not TF32, so fp32 stays fp32-exact."""
     # The CPU interpreter computes bf16 tl.dot wrong (FACTS.md): it gets float32 operands instead.
     if interpreting() or dtype == torch.float32:
-        return tl.float32
-    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+        return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
+    return dict(DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, DOT_PRECISION=None)
 
 
 @triton.jit
@@ -40,7 +41,7 @@ def _prefill_kernel(
     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
     n_tokens, start_pos, qk_scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -68,7 +69,7 @@ def _prefill_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
         visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         if WINDOW > 0:
             visible &= offs_n[None, :] > q_pos[:, None] - WINDOW
@@ -78,7 +79,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None])
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + batch * so_b + offs_m[:, None] * so_t + head * so_h + offs_d[None, :],
@@ -110,7 +111,7 @@ def attention_prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n_tokens, start_pos, scale * LOG2E,
         Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], DOT_DTYPE=_dot_dtype(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -121,7 +122,7 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kv_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, qk_scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -153,14 +154,14 @@ def _decode_split_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < s_hi
         k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE))) * qk_scale
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None])
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     row = (batch * Q_HEADS + heads) * SPLITS + split
     tl.store(part_m_ptr + row, m_i, mask=mask_g)
@@ -231,7 +232,7 @@ def attention_decode(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale * LOG2E,
         Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, SPLITS=splits,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], DOT_DTYPE=_dot_dtype(q.dtype),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _decode_combine_kernel[(batch * q_heads,)](

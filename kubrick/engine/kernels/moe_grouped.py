@@ -57,7 +57,7 @@ def _dequant_tile(w_blocks, w_scales, rows, row_mask, b, K_BYTES: tl.constexpr, 
 def _mlp1_swiglu_grouped_kernel(
     x_ptr, stride_x, pair_ids_ptr, tile_expert_ptr, w_blocks, w_scales, bias_ptr, h_ptr,
     INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
@@ -80,11 +80,11 @@ def _mlp1_swiglu_grouped_kernel(
         x_even = tl.load(x_rows, mask=x_mask, other=0.0).to(DOT_DTYPE)
         x_odd = tl.load(x_rows + 1, mask=x_mask, other=0.0).to(DOT_DTYPE)
         g_low, g_high = _dequant_tile(w_blocks, w_scales, gate_rows, mask_n, b, K_BYTES, DOT_DTYPE)
-        acc_gate = tl.dot(x_even, g_low, acc_gate)
-        acc_gate = tl.dot(x_odd, g_high, acc_gate)
+        acc_gate = tl.dot(x_even, g_low, acc_gate, input_precision=DOT_PRECISION)
+        acc_gate = tl.dot(x_odd, g_high, acc_gate, input_precision=DOT_PRECISION)
         l_low, l_high = _dequant_tile(w_blocks, w_scales, lin_rows, mask_n, b, K_BYTES, DOT_DTYPE)
-        acc_lin = tl.dot(x_even, l_low, acc_lin)
-        acc_lin = tl.dot(x_odd, l_high, acc_lin)
+        acc_lin = tl.dot(x_even, l_low, acc_lin, input_precision=DOT_PRECISION)
+        acc_lin = tl.dot(x_odd, l_high, acc_lin, input_precision=DOT_PRECISION)
     gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     lin = acc_lin + tl.load(bias_ptr + lin_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     gate = tl.minimum(gate, limit)
@@ -98,7 +98,7 @@ def _mlp1_swiglu_grouped_kernel(
 def _mlp2_combine_grouped_kernel(
     h_ptr, pair_ids_ptr, tile_expert_ptr, route_w_ptr, w_blocks, w_scales, bias_ptr, out_ptr, stride_out,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
@@ -119,8 +119,8 @@ def _mlp2_combine_grouped_kernel(
         h_even = tl.load(h_rows, mask=h_mask, other=0.0).to(DOT_DTYPE)
         h_odd = tl.load(h_rows + 1, mask=h_mask, other=0.0).to(DOT_DTYPE)
         w_low, w_high = _dequant_tile(w_blocks, w_scales, rows, mask_n, b, K_BYTES, DOT_DTYPE)
-        acc = tl.dot(h_even, w_low, acc)
-        acc = tl.dot(h_odd, w_high, acc)
+        acc = tl.dot(h_even, w_low, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(h_odd, w_high, acc, input_precision=DOT_PRECISION)
     y = acc + tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y * tl.load(route_w_ptr + safe_pairs, mask=valid_m, other=0.0).to(tl.float32)[:, None]
     tokens = safe_pairs // TOPK
@@ -140,8 +140,12 @@ def moe_grouped(
     mlp2_bias: torch.Tensor,
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """The MoE block for many tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe)."""
+    """The MoE block for many tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe).
+
+    `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+    """
     tokens, hidden = x.shape
     topk = expert_ids.shape[1]
     n_experts = mlp1_blocks.shape[0]
@@ -149,16 +153,18 @@ def moe_grouped(
     for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_weights):
         assert t.is_contiguous()
     assert x.stride(-1) == 1 and hidden % 32 == 0 and inter % 32 == 0
-    cfg = block_config("moe_grouped", x.device)
-    # The CPU interpreter computes bf16 tl.dot wrong (FACTS.md): it gets float32 operands instead.
+    cfg = block_config("moe_grouped", x.device) | (config or {})
+    # The CPU interpreter computes bf16 tl.dot wrong (FACTS.md): it gets float32 operands instead; float32
+    # dots run in IEEE fp32, not TF32.
     dot_dtype = tl.float32 if interpreting() or x.dtype == torch.float32 else tl.bfloat16
     if x.dtype == torch.float16 and not interpreting():
         dot_dtype = tl.float16
+    dot_precision = "ieee" if dot_dtype == tl.float32 else None
     block_m = cfg["BLOCK_M"]
     pair_ids, tile_expert = group_by_expert(expert_ids, n_experts, block_m)
     tiles = tile_expert.numel()
     h = torch.empty(tokens * topk, inter, dtype=x.dtype, device=x.device)
-    common = dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_DTYPE=dot_dtype,
+    common = dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,

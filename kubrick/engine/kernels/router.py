@@ -1,7 +1,10 @@
-"""Router fused: logits = x W^T + b, top-k by falling logit, softmax over the k chosen logits; one program per token.
+"""Router: logits = x W^T + b, top-k by falling logit, softmax over the k chosen logits.
 
-The k maxima are found by k rounds of (max, lowest index holding it, knock it out), so ties go to the lower
-expert id, as torch.topk does on CPU. Logits stay in float32.
+Two kernels, because one program per token leaves a batch-1 step on a single SM reading all of W:
+  logits: grid (token, K split): partial logits of every expert over one slice of the hidden size;
+  top-k:  one program per token sums the partials and the bias, then takes k rounds of (max, lowest index
+          holding it, knock it out), so ties go to the lower expert id, and softmaxes the k values.
+Logits stay in float32.
 """
 
 from __future__ import annotations
@@ -10,23 +13,39 @@ import torch
 import triton
 import triton.language as tl
 
+from kubrick.engine.kernels._common import num_sms
+
 
 @triton.jit
-def _router_kernel(
-    x_ptr, w_ptr, b_ptr, ids_ptr, weights_ptr, stride_x, n_experts, hidden,
-    TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+def _router_logits_kernel(
+    x_ptr, w_ptr, partial_ptr, stride_x, n_experts, hidden,
+    K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
     valid_e = experts < n_experts
     acc = tl.zeros((BLOCK_E, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
+    for k0 in range(split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         valid_k = cols < hidden
         x = tl.load(x_ptr + token * stride_x + cols, mask=valid_k, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + experts[:, None] * hidden + cols[None, :], mask=valid_e[:, None] & valid_k[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    logits = tl.sum(acc, axis=1) + tl.load(b_ptr + experts, mask=valid_e, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + (token * SPLITS + split) * BLOCK_E + experts, tl.sum(acc, axis=1))
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    partial_ptr, b_ptr, ids_ptr, weights_ptr, n_experts,
+    TOPK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    valid_e = experts < n_experts
+    splits = tl.arange(0, SPLITS)
+    partial = tl.load(partial_ptr + (token * SPLITS + splits[:, None]) * BLOCK_E + experts[None, :])
+    logits = tl.sum(partial, axis=0) + tl.load(b_ptr + experts, mask=valid_e, other=0.0).to(tl.float32)
     logits = tl.where(valid_e, logits, float("-inf"))
 
     slots = tl.arange(0, BLOCK_TOPK)
@@ -51,12 +70,21 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) ->
     tokens, hidden = x.shape
     n_experts = weight.shape[0]
     assert weight.is_contiguous() and x.stride(-1) == 1
+    block_e = triton.next_power_of_2(n_experts)
+    block_k = max(16, min(triton.next_power_of_2(hidden), 4096 // block_e))
+    splits = 1  # enough programs to spread W over the SMs, each at least one K step
+    while tokens * splits < num_sms(x.device) and hidden >= splits * 2 * block_k:
+        splits *= 2
+    k_per_split = triton.cdiv(triton.cdiv(hidden, splits), block_k) * block_k
+    partial = torch.empty(tokens, splits, block_e, dtype=torch.float32, device=x.device)
+    _router_logits_kernel[(tokens, splits)](
+        x, weight, partial, x.stride(0), n_experts, hidden,
+        K_PER_SPLIT=k_per_split, SPLITS=splits, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4,
+    )
     ids = torch.empty(tokens, k, dtype=torch.int32, device=x.device)
     weights = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
-    block_e = triton.next_power_of_2(n_experts)
-    block_k = max(16, min(triton.next_power_of_2(hidden), 8192 // block_e))
-    _router_kernel[(tokens,)](
-        x, weight, bias, ids, weights, x.stride(0), n_experts, hidden,
-        TOPK=k, BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_TOPK=max(2, triton.next_power_of_2(k)), num_warps=4,
+    _topk_softmax_kernel[(tokens,)](
+        partial, bias, ids, weights, n_experts,
+        TOPK=k, SPLITS=splits, BLOCK_E=block_e, BLOCK_TOPK=max(2, triton.next_power_of_2(k)), num_warps=1,
     )
     return ids, weights
