@@ -8,6 +8,7 @@ prompt Ctrl-C twice (or Ctrl-D once) exits.
 from __future__ import annotations
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.filters import is_searching
 from prompt_toolkit.formatted_text import HTML
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
@@ -25,7 +26,7 @@ PROMPT = HTML("<ansicyan><b>› </b></ansicyan>")
 def _key_bindings(state: dict) -> KeyBindings:
     bindings = KeyBindings()
 
-    @bindings.add("enter")
+    @bindings.add("enter", filter=~is_searching)  # while Ctrl-R searches, Enter accepts the found line
     def _send(event) -> None:
         event.current_buffer.validate_and_handle()
 

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -37,7 +38,8 @@ class KubrickInTmux:
         self.width, self.height = width, height
         self.env = env or {}
         self.name = f"kubrick-test-{uuid.uuid4().hex[:8]}"
-        self.socket = str(self.home / "tmux.sock")  # a private tmux server: never touches the user's sessions
+        # a private tmux server (short socket path: sockets are limited to ~100 bytes); never the user's sessions
+        self.socket = os.path.join(tempfile.gettempdir(), f"{self.name}.sock")
 
     def _tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True, text=True, check=check,
@@ -56,6 +58,7 @@ class KubrickInTmux:
 
     def __exit__(self, *exc: object) -> None:
         self._tmux("kill-server", check=False)
+        Path(self.socket).unlink(missing_ok=True)
 
     def keys(self, *keys: str) -> None:
         """tmux key names: Enter, C-c, C-d, Escape, Tab …"""
@@ -63,6 +66,11 @@ class KubrickInTmux:
 
     def type(self, text: str) -> None:
         self._tmux("send-keys", "-t", self.name, "-l", text)
+
+    def paste(self, text: str) -> None:
+        """Paste as a terminal does (bracketed paste), newlines included."""
+        self._tmux("set-buffer", "-b", "kubrick-test", text)
+        self._tmux("paste-buffer", "-p", "-d", "-b", "kubrick-test", "-t", self.name)
 
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", self.name).stdout
@@ -86,8 +94,6 @@ class KubrickInTmux:
 
 if __name__ == "__main__":  # manual use: python tests/repl/tmux_kubrick.py URL  (prints the screen after a question)
     url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("TRITON_URL", "http://localhost:8000")
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp, KubrickInTmux(url, Path(tmp)) as k:
         k.wait_for("›")
         k.type("Say hello in one short sentence.")

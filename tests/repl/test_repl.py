@@ -1,0 +1,133 @@
+"""The real `kubrick` REPL in a tmux pane: ask and see the answer, Ctrl-C a slow reply, new lines, history, exit.
+
+Set KUBRICK_REPL_TEST_URL to also run the ask-and-answer test against another server (a real tritonserver).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from scripted_triton import ScriptedTriton, chat_reply, sse
+from tmux_kubrick import KubrickInTmux, tmux_available
+
+pytestmark = pytest.mark.skipif(not tmux_available(), reason="needs tmux")
+
+
+def echo_model(body):
+    question = json.loads(body["text_input"])[-1]["content"]
+    answer = f"You asked **{question.replace(chr(10), ' / ')}**.\n\n```python\nprint('code block')\n```\n\nThat is all."
+    return chat_reply(answer, reasoning="Considering the question.", pieces=8, pause=0.02)
+
+
+def slow_model(body):
+    for i in range(600):  # a minute of words unless the client goes away
+        yield sse({"type": "chunk", "content": f"word{i} "})
+        yield 0.1
+
+
+@pytest.fixture
+def server():
+    with ScriptedTriton({"llm_decoupled": echo_model, "slow": slow_model}) as running:
+        yield running
+
+
+def servers_to_ask():
+    urls = ["scripted"]
+    if os.environ.get("KUBRICK_REPL_TEST_URL"):
+        urls.append(os.environ["KUBRICK_REPL_TEST_URL"])
+    return urls
+
+
+@pytest.mark.parametrize("target", servers_to_ask())
+def test_ask_see_the_answer_and_exit(target, server, tmp_path):
+    url = server.url if target == "scripted" else target
+    with KubrickInTmux(url, tmp_path / "home") as k:
+        k.wait_for("›")
+        k.type("What is Kubrick?")
+        k.keys("Enter")
+        screen = k.wait_for("tokens", after="What is Kubrick?", timeout=300)
+        if target == "scripted":
+            assert "You asked What is Kubrick?." in screen  # Markdown rendered: no ** left
+            assert "print('code block')" in screen and "```" not in screen
+            assert "Considering the question." in screen
+        k.type("/exit")
+        k.keys("Enter")
+        assert k.exit_status() == 0
+
+
+def test_ctrl_c_stops_a_slow_reply_keeps_it_and_the_server_sees_the_disconnect(server, tmp_path):
+    with KubrickInTmux(server.url, tmp_path / "home", args=("--model-name", "slow")) as k:
+        k.wait_for("›")
+        k.type("tell me a long story")
+        k.keys("Enter")
+        k.wait_for("word3", after="long story")
+        k.keys("C-c")
+        screen = k.wait_for("partial reply is kept", after="long story")
+        assert server.disconnected.wait(timeout=10)
+        assert "word0 word1 word2 word3" in screen
+        k.type("and then?")
+        k.keys("Enter")  # the next question carries the partial reply as context
+        k.wait_for("word1", after="and then?")
+        k.keys("C-c")
+        k.wait_for("partial reply is kept", after="and then?")
+        sent = json.loads(server.requests[-1]["text_input"])
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+        assert sent[1]["content"].startswith("word0 word1 word2 word3")
+        k.keys("C-d")
+        assert k.exit_status() == 0
+    [saved] = (tmp_path / "home" / "conversations").glob("*.json")
+    statuses = [m.get("status") for m in json.loads(saved.read_text())["messages"] if m["role"] == "assistant"]
+    assert statuses == ["cancelled", "cancelled"]
+
+
+def test_alt_enter_and_multiline_paste_add_lines_and_enter_sends(server, tmp_path):
+    with KubrickInTmux(server.url, tmp_path / "home") as k:
+        k.wait_for("›")
+        k.type("line one")
+        k.keys("Escape", "Enter")  # what Alt+Enter sends
+        k.type("line two")
+        k.keys("Enter")
+        k.wait_for("tokens", after="line two")
+        assert json.loads(server.requests[-1]["text_input"])[-1]["content"] == "line one\nline two"
+        k.paste("pasted first line\nsecond line\nthird line")  # a multi-line paste does not send by itself
+        k.keys("Enter")
+        k.wait_for("tokens", after="third line")
+        assert json.loads(server.requests[-1]["text_input"])[-1]["content"] == (
+            "pasted first line\nsecond line\nthird line")
+        k.keys("C-d")
+        assert k.exit_status() == 0
+
+
+def test_ctrl_c_twice_at_an_empty_prompt_exits_and_history_persists(server, tmp_path):
+    home = tmp_path / "home"
+    with KubrickInTmux(server.url, home) as k:
+        k.wait_for("›")
+        k.type("remember this question")
+        k.keys("Enter")
+        k.wait_for("tokens", after="remember this question")
+        k.type("half typed")
+        k.keys("C-c")  # clears the line, does not exit
+        k.keys("C-c")
+        k.wait_for("again or Ctrl-D")
+        k.keys("C-c")
+        assert k.exit_status() == 0
+    with KubrickInTmux(server.url, home) as k:  # a new session finds the question in its history
+        k.wait_for("›")
+        k.keys("C-r")
+        k.type("remember")
+        screen = k.wait_for("› remember this question")
+        assert "I-search backward: remember" in screen
+        k.keys("Enter")  # accept the found line
+        k.keys("Enter")  # and send it
+        k.wait_for("You asked remember this question")
+        k.keys("C-d")
+        assert k.exit_status() == 0
+
+
+def test_unreachable_server_exits_with_one_line(tmp_path):
+    with KubrickInTmux("127.0.0.1:9", tmp_path / "home") as k:
+        assert k.exit_status() == 1
+        assert "kubrick: error: cannot reach a Triton server at http://127.0.0.1:9" in k.screen()
