@@ -160,6 +160,42 @@ def bench(layers: int) -> tuple[list[dict], float]:
     return rows, bandwidth
 
 
+GEMV_SWEEP = [dict(DECODE="f16")] + [
+    dict(DECODE="swar", BLOCK_I=i, BLOCK_N=n, BLOCK_K=k, num_warps=w)
+    for i, n, k, w in ((16, 16, 256, 4), (8, 8, 256, 4), (16, 16, 512, 4), (32, 32, 256, 8), (16, 16, 512, 8),
+                       (8, 16, 512, 4), (4, 8, 1024, 4))
+]
+GROUPED_SWEEP = [
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+    for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3), (64, 128, 64, 4, 3),
+                           (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 128, 8, 2), (64, 64, 128, 4, 3))
+]
+
+
+def sweep(layers: int) -> list[dict]:
+    """Time the MoE kernels under other block tables (to choose the _common.py entries); failures are shown."""
+    rows = []
+    experts = moe_weights(layers)
+    for tokens in (1, 8, 64, 2048):
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        kernels = [("moe_gemv", moe_gemv, GEMV_SWEEP)] if tokens <= 8 else []
+        kernels.append(("moe_grouped", moe_grouped, GROUPED_SWEEP if tokens > 1 else []))
+        for name, fn, configs in kernels:
+            for cfg in configs:
+                if tokens == 2048 and cfg["BLOCK_M"] < 64:
+                    continue
+                calls = [lambda r=r, w=w, fn=fn, cfg=cfg: fn(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+                try:
+                    us = time_per_call(calls, replays=5 if tokens == 2048 else 20) * 1e6
+                except Exception as exc:  # a block shape can overflow shared memory on some parts
+                    print(f"sweep {name} T={tokens} {cfg}: failed: {str(exc).splitlines()[0][:120]}", flush=True)
+                    continue
+                rows.append(dict(kernel=name, tokens=tokens, config=cfg, us=us))
+                print(f"sweep {name} T={tokens} {cfg}: {us:.1f} us", flush=True)
+    return rows
+
+
 def format_row(row: dict) -> str:
     parts = [f"{row['kernel']:<36} {row['us']:9.1f} us"]
     if "gbps" in row:
@@ -175,17 +211,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=Path("bench_kernels.json"), help="where to write the results")
     parser.add_argument("--layers", type=int, default=8, help="distinct weight/cache copies per timed graph")
+    parser.add_argument("--sweep", action="store_true", help="also time the MoE kernels under other block sizes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  capability {torch.cuda.get_device_capability()}  "
           f"torch {torch.__version__}", flush=True)
     rows, bandwidth = bench(args.layers)
-    print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    sweep_rows = sweep(args.layers) if args.sweep else []
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-        torch=torch.__version__, host=platform.node(), copy_gbps=bandwidth / 1e9, rows=rows,
+        torch=torch.__version__, host=platform.node(), copy_gbps=bandwidth / 1e9, rows=rows, sweep=sweep_rows,
     )
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
