@@ -36,6 +36,7 @@ from kubrick.engine.sampler import Sampler
 from kubrick.engine.stop import StopStrings
 
 DEFAULT_CONTEXT_LENGTH = 8192
+PREFILL_CHUNK = 512  # tokens per prefill step: 20b's scores stay near 1 GB even at an 8192-token context
 
 
 def _validated(params: SamplingParams) -> SamplingParams:
@@ -113,7 +114,9 @@ class Engine:
         self.cache.truncate(shared)
         self.cached_tokens = list(prompt)
         tokens = torch.tensor(prompt[shared:], dtype=torch.long, device=self.torch_device)
-        return self.model(tokens, self.cache)[-1]
+        for chunk in torch.split(tokens, PREFILL_CHUNK):  # bounds attention's score matrix on long prompts
+            logits = self.model(chunk, self.cache)
+        return logits[-1]
 
     def _step(self, token: int) -> torch.Tensor:
         self.cached_tokens.append(token)

@@ -29,7 +29,8 @@ def _random_tensor(name: str, shape: tuple[int, ...], kind: str, config: ModelCo
 
     if kind == UINT8:
         if name.endswith(".blocks"):  # uniformly random E2M1 codes, two per byte
-            return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+            words = torch.randint(-(2**63), 2**63 - 1, (math.prod(shape) // 8,), dtype=torch.int64, generator=gen)
+            return words.view(torch.uint8).reshape(shape)  # 8 random bytes per draw: 3x faster for 20b's 10 GB
         fan_in = config.hidden_size if "mlp1" in name else config.intermediate_size
         exponent = round(math.log2(1 / math.sqrt(fan_in) / FP4_RMS))  # block RMS ≈ 1/sqrt(fan_in)
         jitter = torch.randint(-1, 2, shape, generator=gen)  # blocks differ in scale, as real ones do

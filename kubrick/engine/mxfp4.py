@@ -24,19 +24,25 @@ def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(FP4_VALUES, dtype=dtype, device=device)
 
 
+def _pair_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """byte -> (value of its low nibble, value of its high nibble): one lookup decodes two codes."""
+    codes = torch.arange(256, device=device)
+    lut = _lut(device, dtype)
+    return torch.stack((lut[codes & 0x0F], lut[codes >> 4]), dim=-1)
+
+
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """blocks uint8 [..., G, 16] + scales uint8 [..., G] -> values [..., G*32] in `dtype` (exact for bf16/fp32)."""
+    """blocks uint8 [..., G, 16] + scales uint8 [..., G] -> values [..., G*32] in `dtype`.
+
+    Exact in bf16 and fp32: an E2M1 value times a power of two fits both (scales below 2**-126 aside).
+    """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks and scales must be uint8, not {blocks.dtype} and {scales.dtype}")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BYTES_PER_BLOCK:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = _lut(blocks.device, torch.float32)
-    low = lut[(blocks & 0x0F).long()]
-    high = lut[(blocks >> 4).long()]
-    values = torch.stack((low, high), dim=-1).flatten(-2)  # [..., G, 32]: low nibble is the earlier value
-    exponent = scales.to(torch.int32) - SCALE_BIAS
-    values = torch.ldexp(values, exponent.unsqueeze(-1))
-    return values.flatten(-2).to(dtype)
+    values = _pair_lut(blocks.device, dtype)[blocks.int()]  # [..., G, 16, 2]: the low nibble comes first
+    scale = torch.exp2(scales.float() - SCALE_BIAS).to(dtype)
+    return (values.flatten(-2) * scale.unsqueeze(-1)).flatten(-2)
 
 
 def quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
