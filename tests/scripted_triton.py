@@ -55,6 +55,7 @@ class ScriptedTriton:
         self.disconnected = threading.Event()  # a client went away before its stream ended
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
+        self._server.handle_error = _quiet_about_disconnects
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     @property
@@ -73,6 +74,15 @@ class ScriptedTriton:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def _quiet_about_disconnects(request: object, address: object) -> None:
+    """Clients closing idle keep-alive connections are normal here; anything else is printed as usual."""
+    import sys
+    import traceback
+
+    if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+        traceback.print_exc()
 
 
 def _peer_closed(sock: socket.socket) -> bool:
