@@ -27,8 +27,8 @@ app = typer.Typer(
 def chat(
     ctx: typer.Context,
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Ask one question, print the answer and exit."),
-    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Server URL: localhost:8000, http://… or https://… [env TRITON_URL]"),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model to chat with [env TRITON_MODEL_NAME; default llm_decoupled]"),
+    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Server URL: localhost:8000, http://… or https://… \\[env TRITON_URL; default http://localhost:8000]"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model to chat with \\[env TRITON_MODEL_NAME; default llm_decoupled]"),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt for this chat."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this."),
@@ -37,7 +37,7 @@ def chat(
     reasoning_effort: Optional[str] = typer.Option(None, "--reasoning", "-r", help="Reasoning effort: low, medium or high."),
     hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="Do not show the model's reasoning."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON event per line (non-interactive)."),
-    load: Optional[str] = typer.Option(None, "--load", help="Continue a saved conversation (id or path)."),
+    load: Optional[str] = typer.Option(None, "--load", help="Continue a saved conversation (id, name or path)."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit."),
 ) -> None:
     """Chat with the model (the default command)."""
