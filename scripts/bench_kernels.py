@@ -160,15 +160,16 @@ def bench(layers: int) -> tuple[list[dict], float]:
     return rows, bandwidth
 
 
-GEMV_SWEEP = [dict(DECODE="f16")] + [
-    dict(DECODE="swar", BLOCK_I=i, BLOCK_N=n, BLOCK_K=k, num_warps=w)
-    for i, n, k, w in ((16, 16, 256, 4), (8, 8, 256, 4), (16, 16, 512, 4), (32, 32, 256, 8), (16, 16, 512, 8),
-                       (8, 16, 512, 4), (4, 8, 1024, 4))
+GEMV_SWEEP = [
+    dict(DECODE=d, BLOCK_I=i, BLOCK_N=n, BLOCK_K=k, num_warps=w)
+    for d in ("swar", "swar_x_per_row")
+    for i, n, k, w in ((8, 16, 512, 4), (8, 8, 512, 4), (4, 8, 512, 4), (8, 16, 256, 2), (16, 16, 512, 8),
+                       (8, 16, 1024, 8), (4, 4, 512, 2))
 ]
 GROUPED_SWEEP = [
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
-    for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3), (64, 128, 64, 4, 3),
-                           (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 128, 8, 2), (64, 64, 128, 4, 3))
+    for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (64, 64, 128, 4, 3),
+                           (64, 64, 256, 4, 3), (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 128, 8, 4))
 ]
 
 

@@ -21,7 +21,7 @@ def test_reference_dequant_matches_the_format():
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("split_k,decode", [(1, "swar"), (2, "swar"), (2, "f16")])
+@pytest.mark.parametrize("split_k,decode", [(1, "swar"), (2, "swar"), (2, "swar_x_per_row"), (2, "f16")])
 def test_moe_gemv_matches_reference(device, dtype, bound, split_k, decode):
     x, ids, weights, w = random_moe(tokens=3, hidden=64, inter=96, experts=4, topk=2, dtype=dtype, device=device)
     out = moe_gemv(x, ids, weights, *w, split_k=split_k, config=dict(DECODE=decode))

@@ -20,7 +20,7 @@ import torch
 
 # Above this many (token, expert) pairs the grouped kernel wins: experts get shared by several tokens, so
 # reading each expert once and feeding tensor cores beats one GEMV per pair.
-GEMV_MAX_PAIRS = 16
+GEMV_MAX_PAIRS = 32  # H100 sweep: 8 tokens x top-4, GEMV 304 us vs grouped 435 us
 
 
 def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, *weights, **kwargs) -> torch.Tensor:

@@ -16,6 +16,7 @@ decoders, chosen by the DECODE entry of the block table (both tested):
           or a mask. The patterns put the 3 magnitude bits at the bottom of the bf16 exponent, so code 1
           (0.5) is a float32 subnormal: every value is true * 2**-126, undone by scaling x up by 2**64 and
           the group sums by 2**62 (no overflow or underflow on the way).
+  "swar_x_per_row": the same, with x loaded in the weight tile's shape (see _swar_step).
   "f16":  one code at a time through an fp16 bit pattern and a conversion (simpler, slower).
 """
 
@@ -34,8 +35,13 @@ def _e8m0(scale):
 
 
 @triton.jit
-def _swar_step(w_words, w_scales, rows, row_mask, x_row, w0, K_WORDS: tl.constexpr, NSB: tl.constexpr):
-    """One K step of the "swar" decoder: sum_k W[rows, k] x[k] over words w0 .. w0 + 4*NSB -> [R, NSB] float32."""
+def _swar_step(w_words, w_scales, rows, row_mask, x_row, w0, K_WORDS: tl.constexpr, NSB: tl.constexpr,
+               X_PER_ROW: tl.constexpr):
+    """One K step of the "swar" decoder: sum_k W[rows, k] x[k] over words w0 .. w0 + 4*NSB -> [R, NSB] float32.
+
+    X_PER_ROW: load x already broadcast to the weight tile's shape (every thread reads the x values it needs
+    from L1) instead of once per step and broadcast in registers, which can cost a layout shuffle.
+    """
     sb = tl.arange(0, NSB)
     q = tl.arange(0, 4)
     word = w0 + sb[None, :, None] * 4 + q[None, None, :]  # [1, NSB, 4]
@@ -47,6 +53,8 @@ def _swar_step(w_words, w_scales, rows, row_mask, x_row, w0, K_WORDS: tl.constex
     c = ((w & 0x08000800) << 4) | ((w & 0x07000700) >> 2)  # codes 2 and 6
     d = (w & 0x80008000) | ((w & 0x70007000) >> 6)  # codes 3 and 7
     base = x_row + 8 * word
+    if X_PER_ROW:
+        base += 0 * rows[:, None, None]
     part = (a << 16).to(tl.float32, bitcast=True) * (tl.load(base + 0, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
     part += (a & 0xFFFF0000).to(tl.float32, bitcast=True) * (tl.load(base + 4, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
     part += (b << 16).to(tl.float32, bitcast=True) * (tl.load(base + 1, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
@@ -84,7 +92,7 @@ def _f16_step(w_bytes, w_scales, rows, row_mask, x_row, w0, K_WORDS: tl.constexp
 def _mlp1_swiglu_gemv_kernel(
     x_ptr, stride_x, ids_ptr, w_blocks, w_scales, bias_ptr, h_ptr,
     INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
-    BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, SWAR: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, SWAR: tl.constexpr, X_PER_ROW: tl.constexpr,
 ):
     pair = tl.program_id(0).to(tl.int64)  # token * TOPK + slot
     token = pair // TOPK
@@ -98,7 +106,7 @@ def _mlp1_swiglu_gemv_kernel(
     acc = tl.zeros((2 * BLOCK_I, NSB), dtype=tl.float32)
     for w0 in range(0, K_WORDS, BLOCK_K // 8):
         if SWAR:
-            acc += _swar_step(w_blocks, w_scales, rows, row_mask, x_row, w0, K_WORDS, NSB)
+            acc += _swar_step(w_blocks, w_scales, rows, row_mask, x_row, w0, K_WORDS, NSB, X_PER_ROW)
         else:
             acc += _f16_step(w_blocks, w_scales, rows, row_mask, x_row, w0, K_WORDS, NSB)
     y = tl.sum(acc, axis=1) + tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -115,7 +123,7 @@ def _mlp2_combine_gemv_kernel(
     h_ptr, ids_ptr, route_w_ptr, w_blocks, w_scales, bias_ptr, out_ptr, stride_out,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-    SWAR: tl.constexpr,
+    SWAR: tl.constexpr, X_PER_ROW: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,7 +140,7 @@ def _mlp2_combine_gemv_kernel(
         acc = tl.zeros((BLOCK_N, NSB), dtype=tl.float32)
         for w0 in range(w_start, w_start + K_PER_SPLIT // 8, BLOCK_K // 8):
             if SWAR:
-                acc += _swar_step(w_blocks, w_scales, rows, mask_n, h_ptr + pair * INTER, w0, K_WORDS, NSB)
+                acc += _swar_step(w_blocks, w_scales, rows, mask_n, h_ptr + pair * INTER, w0, K_WORDS, NSB, X_PER_ROW)
             else:
                 acc += _f16_step(w_blocks, w_scales, rows, mask_n, h_ptr + pair * INTER, w0, K_WORDS, NSB)
         y = tl.sum(acc, axis=1)
@@ -180,7 +188,8 @@ def moe_gemv(
         assert t.is_contiguous()
     assert x.stride(-1) == 1 and hidden % 32 == 0 and inter % 32 == 0
     cfg = block_config("moe_gemv", x.device) | (config or {})
-    swar = cfg["DECODE"] == "swar"
+    swar = cfg["DECODE"] in ("swar", "swar_x_per_row")
+    x_per_row = cfg["DECODE"] == "swar_x_per_row"
     # The swar decoder reads 4 packed bytes as one int32 word; the f16 one reads bytes.
     w1 = mlp1_blocks.view(torch.int32) if swar else mlp1_blocks
     w2 = mlp2_blocks.view(torch.int32) if swar else mlp2_blocks
@@ -189,7 +198,7 @@ def moe_gemv(
     _mlp1_swiglu_gemv_kernel[grid1](
         x, x.stride(0), expert_ids, w1, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
-        BLOCK_I=cfg["BLOCK_I"], BLOCK_K=cfg["BLOCK_K"], SWAR=swar, num_warps=cfg["num_warps"],
+        BLOCK_I=cfg["BLOCK_I"], BLOCK_K=cfg["BLOCK_K"], SWAR=swar, X_PER_ROW=x_per_row, num_warps=cfg["num_warps"],
     )
     block_k = cfg["BLOCK_K"]
     if split_k is None:
@@ -203,6 +212,6 @@ def moe_gemv(
     _mlp2_combine_gemv_kernel[grid2](
         h, expert_ids, expert_weights, w2, mlp2_scales, mlp2_bias, out, out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=topk, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-        K_PER_SPLIT=k_per_split, SPLIT_K=split_k, SWAR=swar, num_warps=cfg["num_warps"],
+        K_PER_SPLIT=k_per_split, SPLIT_K=split_k, SWAR=swar, X_PER_ROW=x_per_row, num_warps=cfg["num_warps"],
     )
     return out if out.dtype == x.dtype else out.to(x.dtype)

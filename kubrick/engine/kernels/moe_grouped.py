@@ -20,6 +20,10 @@ import triton.language as tl
 from kubrick.engine.kernels._common import block_config, e2m1_over_16384, e8m0_times_16384, interpreting
 
 
+# Up to this many (token, expert) pairs, experts see few tokens each: short tiles waste less work.
+SMALL_PAIRS = 512
+
+
 def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_ids [T, k] -> (pair ids int32 [tiles*block_m], -1 = padding; tile expert int32 [tiles], -1 = none)."""
     flat = expert_ids.flatten().long()
@@ -153,7 +157,8 @@ def moe_grouped(
     for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_weights):
         assert t.is_contiguous()
     assert x.stride(-1) == 1 and hidden % 32 == 0 and inter % 32 == 0
-    cfg = block_config("moe_grouped", x.device) | (config or {})
+    table = "moe_grouped_small" if expert_ids.numel() <= SMALL_PAIRS else "moe_grouped"
+    cfg = block_config(table, x.device) | (config or {})
     # The CPU interpreter computes bf16 tl.dot wrong (FACTS.md): it gets float32 operands instead; float32
     # dots run in IEEE fp32, not TF32.
     dot_dtype = tl.float32 if interpreting() or x.dtype == torch.float32 else tl.bfloat16
