@@ -178,6 +178,19 @@ class TritonClient:
                     names.append(entry["name"])
         return names
 
+    def check_model(self) -> None:
+        """Raise UnknownModel if the server lists its models and ours is not among them."""
+        models = self.list_models()
+        if models and self.model_name not in models:
+            raise self._unknown_model(models)
+
+    def _unknown_model(self, models: list[str]) -> UnknownModel:
+        available = ", ".join(models) if models else "none"
+        return UnknownModel(
+            f"the server at {self.url} has no model named {self.model_name!r} "
+            f"(models there: {available}); choose one with --model-name"
+        )
+
     def generate_stream(self, messages: list[dict[str, str]], parameters: dict[str, Any]) -> Iterator[StreamEvent]:
         """Stream one reply: yields Chunk/Reasoning and finally Complete.
 
@@ -221,9 +234,5 @@ class TritonClient:
         if response.status_code in (400, 404):
             models = self.list_models()
             if self.model_name not in models:
-                available = ", ".join(models) if models else "none"
-                return UnknownModel(
-                    f"the server at {self.url} has no model named {self.model_name!r} "
-                    f"(models there: {available}); choose one with --model-name"
-                )
+                return self._unknown_model(models)
         return ServerError(f"the server refused the request (HTTP {response.status_code}): {detail}")

@@ -57,6 +57,8 @@ def run_chat(options: ChatOptions) -> int:
         if interactive:
             from kubrick.chat.repl import run_repl
 
+            client.check_model()  # a typo in the model name is better reported now than after the first question
+
             return run_repl(session)
         return _answer_once(session, question, options.json_output)
 

@@ -131,3 +131,10 @@ def test_unreachable_server_exits_with_one_line(tmp_path):
     with KubrickInTmux("127.0.0.1:9", tmp_path / "home") as k:
         assert k.exit_status() == 1
         assert "kubrick: error: cannot reach a Triton server at http://127.0.0.1:9" in k.screen()
+
+
+def test_unknown_model_at_start_lists_the_models_and_exits(server, tmp_path):
+    with KubrickInTmux(server.url, tmp_path / "home", args=("--model-name", "gpt-9")) as k:
+        assert k.exit_status() == 1
+        screen = k.screen()
+        assert "no model named 'gpt-9'" in screen and "llm_decoupled, slow" in screen
