@@ -81,6 +81,7 @@ def run_repl(session: ChatSession) -> int:
 
     interrupted_once = False
     while True:
+        state["empty_interrupt"] = True  # a Ctrl-C between two prompts counts as one at an empty prompt
         try:
             text = prompt.prompt(PROMPT)
         except KeyboardInterrupt:
