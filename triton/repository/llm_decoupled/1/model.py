@@ -13,7 +13,6 @@ import json
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
