@@ -36,9 +36,11 @@ class Reasoning:
 
 @dataclass(frozen=True)
 class Complete:
-    """The server finished the reply; usage as the server reported it (may be empty)."""
+    """The server finished the reply; usage as the server reported it (may be empty), and why it stopped
+    ("stop", "length" = max_tokens or context reached, or "" when not said)."""
 
     usage: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = ""
 
 
 StreamEvent = Chunk | Reasoning | Complete
@@ -111,7 +113,8 @@ def _parse_typed(obj: dict[str, Any]) -> StreamEvent | None:
         return Reasoning(content) if isinstance(content, str) and content else None
     if kind == "complete":
         usage = obj.get("usage")
-        return Complete(usage if isinstance(usage, dict) else {})
+        reason = obj.get("finish_reason")
+        return Complete(usage if isinstance(usage, dict) else {}, reason if isinstance(reason, str) else "")
     if kind == "error":
         raise ServerError(f"the server reported an error: {_error_text(content or obj.get('error') or obj.get('message'))}")
     return None  # unknown types are for newer clients

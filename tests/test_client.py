@@ -47,6 +47,12 @@ def test_triton_wrapped_events_give_reasoning_answer_and_usage():
     assert isinstance(events[-1], Complete) and events[-1].usage["prompt_tokens"] == 12
 
 
+def test_complete_says_why_the_reply_ended():
+    events, error = play([sse({"type": "chunk", "content": "long"}),
+                          sse({"type": "complete", "finish_reason": "length", "usage": {"completion_tokens": 1}})])
+    assert error is None and events[-1].finish_reason == "length"
+
+
 def test_request_carries_messages_and_streaming_parameters():
     with ScriptedTriton({"m": lambda body: chat_reply("ok")}) as server, TritonClient(server.url, "m") as client:
         list(client.generate_stream(MESSAGES, {"temperature": 0.5, "reasoning_effort": "low"}))

@@ -48,7 +48,7 @@ def quiet_terminal():
 class Renderer(Protocol):
     def reasoning(self, text: str) -> None: ...
     def answer(self, text: str) -> None: ...
-    def finish(self, usage: dict[str, Any] | None = None) -> None: ...
+    def finish(self, usage: dict[str, Any] | None = None, finish_reason: str = "") -> None: ...
     def error(self, message: str) -> None: ...
 
 
@@ -190,7 +190,7 @@ class LiveRenderer:
         # slow renders (a huge unfinished block) back off so the CPU stays a small fraction of the stream
         self._next_refresh = time.monotonic() + max(self.min_interval, 4 * cost)
 
-    def finish(self, usage: dict[str, Any] | None = None) -> None:
+    def finish(self, usage: dict[str, Any] | None = None, finish_reason: str = "") -> None:
         """Print whatever is still pending in full and leave the live area."""
         if not self._in_answer:
             self._commit_reasoning(everything=True)
@@ -222,7 +222,7 @@ class PlainRenderer:
         self.out.flush()
         self._last = text[-1:] or self._last
 
-    def finish(self, usage: dict[str, Any] | None = None) -> None:
+    def finish(self, usage: dict[str, Any] | None = None, finish_reason: str = "") -> None:
         if self._last != "\n":
             self.out.write("\n")
         self.out.flush()
@@ -247,9 +247,12 @@ class JsonRenderer:
     def answer(self, text: str) -> None:
         self._emit({"type": "chunk", "content": text})
 
-    def finish(self, usage: dict[str, Any] | None = None) -> None:
+    def finish(self, usage: dict[str, Any] | None = None, finish_reason: str = "") -> None:
         if usage is not None:
-            self._emit({"type": "complete", "usage": usage})
+            event: dict[str, Any] = {"type": "complete", "usage": usage}
+            if finish_reason:
+                event["finish_reason"] = finish_reason
+            self._emit(event)
 
     def error(self, message: str) -> None:
         self._emit({"type": "error", "content": message})

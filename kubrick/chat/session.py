@@ -26,6 +26,7 @@ class TurnResult:
     answer: str = ""
     reasoning: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = ""  # from the server: stop | length
     error: KubrickError | None = None
     time_to_first_token_s: float | None = None
     duration_s: float = 0.0
@@ -46,6 +47,8 @@ class TurnResult:
                 parts.append(f"{(self.tokens - 1) / streaming:.1f} tok/s")
         if self.status != "complete":
             parts.append({"cancelled": "stopped", "cut_off": "cut off", "error": "failed"}[self.status])
+        elif self.finish_reason == "length":
+            parts.append("reached max_tokens or the context length")
         return " · ".join(parts)
 
 
@@ -144,7 +147,7 @@ class ChatSession:
                     with guard.drawing():
                         renderer.reasoning(event.text)
                 elif isinstance(event, Complete):
-                    result.usage = event.usage
+                    result.usage, result.finish_reason = event.usage, event.finish_reason
         except KeyboardInterrupt:
             result.status = "cancelled"
         except StreamCutOff as err:
@@ -155,7 +158,7 @@ class ChatSession:
             stream.close()  # closes the HTTP stream: the server cancels the generation
             result.duration_s = time.monotonic() - started
         guard.drawing_now = True  # wrapping up: a late Ctrl-C must not tear the last screen update
-        renderer.finish(result.usage if result.status == "complete" else None)
+        renderer.finish(result.usage if result.status == "complete" else None, result.finish_reason)
         if result.error is not None:
             renderer.error(str(result.error))
         return result
@@ -169,6 +172,8 @@ class ChatSession:
             message["reasoning"] = result.reasoning
         if result.usage:
             message["usage"] = result.usage
+        if result.finish_reason:
+            message["finish_reason"] = result.finish_reason
         self.conversation.messages.append(message)
         self.save()
 

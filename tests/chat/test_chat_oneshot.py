@@ -138,3 +138,14 @@ def test_help_does_not_import_torch_or_the_engine():
             "print(heavy)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_a_reply_stopped_by_max_tokens_says_so_in_json_and_the_store(tmp_path):
+    frames = [sse({"type": "chunk", "content": "Once upon"}),
+              sse({"type": "complete", "finish_reason": "length", "usage": {"completion_tokens": 2}})]
+    with failing_server(frames) as server:
+        result = kubrick("-p", "story", "--json", "--max-tokens", "2", "--triton-url", server.url, home=tmp_path)
+    assert result.returncode == 0
+    assert json.loads(result.stdout.splitlines()[-1])["finish_reason"] == "length"
+    [saved] = (tmp_path / "conversations").glob("*.json")
+    assert json.loads(saved.read_text())["messages"][-1]["finish_reason"] == "length"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -110,8 +111,11 @@ def test_ctrl_c_twice_at_an_empty_prompt_exits_and_history_persists(server, tmp_
         k.wait_for("tokens", after="remember this question")
         k.type("half typed")
         k.keys("C-c")  # clears the line, does not exit
+        k.wait_for("›", after="half typed")
+        time.sleep(0.3)  # let the new prompt take the terminal (a key is not a signal then)
         k.keys("C-c")
-        k.wait_for("again or Ctrl-D")
+        k.wait_for("›", after="again or Ctrl-D")
+        time.sleep(0.3)
         k.keys("C-c")
         assert k.exit_status() == 0
     with KubrickInTmux(server.url, home) as k:  # a new session finds the question in its history
