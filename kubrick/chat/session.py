@@ -133,17 +133,19 @@ class ChatSession:
         result = TurnResult(status="complete")
         started = time.monotonic()
         stream = self.client.generate_stream(self.conversation.wire_messages(), self.settings.generation_parameters())
+        answer: list[str] = []  # joined once at the end: a long reply is not copied per token
+        reasoning: list[str] = []
         try:
             for event in stream:
                 if isinstance(event, (Chunk, Reasoning)) and result.time_to_first_token_s is None:
                     result.time_to_first_token_s = time.monotonic() - started
                 if isinstance(event, Chunk):
-                    result.answer += event.text
+                    answer.append(event.text)
                     result.chunks += 1
                     with guard.drawing():
                         renderer.answer(event.text)
                 elif isinstance(event, Reasoning):
-                    result.reasoning += event.text
+                    reasoning.append(event.text)
                     with guard.drawing():
                         renderer.reasoning(event.text)
                 elif isinstance(event, Complete):
@@ -157,6 +159,7 @@ class ChatSession:
         finally:
             stream.close()  # closes the HTTP stream: the server cancels the generation
             result.duration_s = time.monotonic() - started
+            result.answer, result.reasoning = "".join(answer), "".join(reasoning)
         guard.drawing_now = True  # wrapping up: a late Ctrl-C must not tear the last screen update
         renderer.finish(result.usage if result.status == "complete" else None, result.finish_reason)
         if result.error is not None:
