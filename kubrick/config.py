@@ -229,7 +229,9 @@ def resolve_settings(flags: dict[str, Any] | None = None, environ: dict[str, str
         try:
             value = setting.parse(raw)
         except (TypeError, ValueError) as err:
-            where = f"config file {path}: key {setting.key!r} at {_position(path.read_text(encoding='utf-8'), setting.key)}" if source.startswith("file") else source
+            where = source
+            if source.startswith("file"):
+                where = f"config file {path}: key {setting.key!r} at {_position(path.read_text(encoding='utf-8'), setting.key)}"
             raise KubrickError(f"{where}: bad {setting.key}: {err}") from None
         setattr(settings, setting.key, value)
         settings.sources[setting.key] = source
