@@ -3,8 +3,9 @@
 Reads top to bottom like openai/gpt-oss's gpt_oss/torch/model.py: RMSNorm, YaRN rotary embeddings, attention
 with learned sinks (sliding window on even layers, grouped-query heads), a mixture of experts whose MXFP4
 weights stay packed until a token picks them, and the unembedding. Weights are bf16; norms, rotary angles and
-softmaxes run in fp32; matmuls take bf16 operands and accumulate in fp32 (what torch does for bf16 on CPU
-and CUDA).
+softmaxes run in fp32; attention and projection matmuls take bf16 operands and accumulate in fp32; the
+experts, dequantised exactly from MXFP4, run entirely in fp32 (so how tokens are grouped cannot change their
+rounding); the residual stream is bf16, as in gpt-oss.
 
 One sequence at a time: `forward(tokens, cache)` runs the new tokens at positions cache.length … and
 appends their keys and values to the cache. Faster paths (kernels issue) plug in at two seams:
@@ -142,8 +143,8 @@ class MoE(torch.nn.Module):
         self.top_k = config.experts_per_token
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
-    def expert_weights(self, expert: int, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's (mlp1 [2I, H], mlp2 [H, I]) dequantised from its packed blocks."""
+    def expert_weights(self, expert: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's (mlp1 [2I, H], mlp2 [H, I]) dequantised from its packed blocks (exact in fp32 or bf16)."""
         mlp1 = mxfp4.dequantize(self.mlp1_blocks[expert], self.mlp1_scales[expert], dtype)
         mlp2 = mxfp4.dequantize(self.mlp2_blocks[expert], self.mlp2_scales[expert], dtype)
         return mlp1, mlp2
@@ -157,15 +158,32 @@ class MoE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.norm(x)
         indices, weights = self.route(t)
+        if len(t) * self.top_k <= len(self.mlp1_blocks):
+            out = self.gathered_experts(t, indices, weights)
+        else:
+            out = self.expert_by_expert(t, indices, weights)
+        return x + out.to(x.dtype)
+
+    def expert_by_expert(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Many tokens (prefill): dequantise each chosen expert once and run all its tokens through it."""
         out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-        for expert in torch.unique(indices).tolist():  # only the experts some token chose are dequantised
+        for expert in torch.unique(indices).tolist():
             token, slot = torch.where(indices == expert)
             mlp1, mlp2 = self.expert_weights(expert)
-            h = F.linear(t[token], mlp1, self.mlp1_bias[expert]).float()
-            h = swiglu(h, self.alpha, self.limit).to(t.dtype)
-            y = F.linear(h, mlp2, self.mlp2_bias[expert]).float()
+            h = swiglu(F.linear(t[token].float(), mlp1, self.mlp1_bias[expert].float()), self.alpha, self.limit)
+            y = F.linear(h, mlp2, self.mlp2_bias[expert].float())
             out.index_add_(0, token, y * weights[token, slot, None])
-        return x + out.to(x.dtype)
+        return out
+
+    def gathered_experts(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decode): gather each token's k experts at once, as gpt-oss's own reference does; the
+        device never waits for the host to learn which experts were picked."""
+        mlp1 = mxfp4.dequantize(self.mlp1_blocks[indices], self.mlp1_scales[indices], torch.float32)  # [n, k, 2I, H]
+        h = torch.einsum("nkoh,nh->nko", mlp1, t.float()) + self.mlp1_bias[indices].float()
+        h = swiglu(h, self.alpha, self.limit)
+        mlp2 = mxfp4.dequantize(self.mlp2_blocks[indices], self.mlp2_scales[indices], torch.float32)  # [n, k, H, I]
+        y = torch.einsum("nkhi,nki->nkh", mlp2, h) + self.mlp2_bias[indices].float()
+        return torch.einsum("nkh,nk->nh", y, weights)
 
 
 class Block(torch.nn.Module):
