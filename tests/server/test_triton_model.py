@@ -120,6 +120,13 @@ def test_same_greedy_request_gives_the_same_events(triton_server):
     assert first[-1]["usage"]["completion_tokens"] == second[-1]["usage"]["completion_tokens"]
 
 
+def test_same_seed_gives_the_same_sampled_reply(triton_server):
+    request = (messages("Pick a random word."), {"temperature": 1.0, "seed": 7, "max_tokens": 16})
+    first, second = stream_events(triton_server.url, *request), stream_events(triton_server.url, *request)
+    assert_completed(first)
+    assert first[:-1] == second[:-1]
+
+
 def test_client_that_disconnects_frees_the_engine(triton_server):
     cancelled_before = sum(v for k, v in metric_values(triton_server, "kubrick_requests_finished_total").items()
                            if 'reason="cancelled"' in k)
