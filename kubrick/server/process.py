@@ -58,7 +58,7 @@ class TritonServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.config.host, self.config.host)
         if ":" in host:  # IPv6 literal
             host = f"[{host}]"
         return f"http://{host}:{self.config.http_port}"
