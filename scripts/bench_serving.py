@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
@@ -170,7 +171,8 @@ def record(path: Path, f: dict, target: str) -> None:
         out.write(
             f"\n## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
             f"({platform.processor() or platform.machine()}, {_cpus()} CPUs)\n\n"
-            f"Command: `python {' '.join(sys.argv)}`  \nTarget: {target}\n\n"
+            f"Command: `python {' '.join(sys.argv)}`  \nTarget: {target}  \n"
+            f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f} (other work on the machine skews CPU figures)\n\n"
             "| clients | requests | errors | output tok/s | TTFT p50 ms | TTFT p99 ms | engine TTFT p50 ms "
             "| ITL p50 ms | ITL p99 ms |\n"
             "|---|---|---|---|---|---|---|---|---|\n"
@@ -181,8 +183,6 @@ def record(path: Path, f: dict, target: str) -> None:
 
 
 def _cpus() -> int:
-    import os
-
     return os.cpu_count() or 0
 
 
