@@ -37,3 +37,16 @@ def test_router_picks_the_top_k_and_softmaxes_them(device, experts, k, tokens, h
     assert all(len(set(row)) == k for row in ids.tolist())
     assert rel_error(weights, ref_weights) < 1e-5
     assert torch.allclose(weights.sum(-1), torch.ones(tokens, device=device))
+
+
+def test_router_can_round_logits_to_bf16_like_a_bf16_matmul(device):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
+    w = torch.randn(8, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
+    b = torch.randn(8, generator=gen).to(device=device, dtype=torch.bfloat16)
+    ids, weights = router(x, w, b, 2, round_logits=True)
+    _, ref_weights = reference.router(x, w, b, 2, round_logits=True)
+    rounded = (x.float() @ w.float().T + b.float()).to(torch.bfloat16).float()
+    # The chosen rounded logits are the two largest rounded logits (ties may pick either expert).
+    assert torch.equal(rounded.gather(1, ids.long()), rounded.topk(2, dim=-1).values)
+    assert rel_error(weights, ref_weights) < 1e-5

@@ -16,7 +16,14 @@ computes bf16 tl.dot wrong. Tests: tests/kernels (GPU ones marked gpu); bench: s
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU, compiled Triton cannot run at all; the interpreter can (slowly). triton.jit reads this
+    # when a kernel is decorated, so it must be set before the kernel modules below are imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Above this many (token, expert) pairs the grouped kernel wins: experts get shared by several tokens, so
 # reading each expert once and feeding tensor cores beats one GEMV per pair.

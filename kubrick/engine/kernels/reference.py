@@ -42,9 +42,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
     return (t * weight.float()).to(x.dtype)
 
 
-def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def router(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, round_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], weight [E, H], bias [E] -> (expert ids int32 [T, k] by falling logit, weights f32 [T, k])."""
     logits = x.float() @ weight.float().T + bias.float()
+    if round_logits:
+        logits = logits.to(torch.bfloat16).float()
     values, indices = torch.topk(logits, k, dim=-1, sorted=True)
     return indices.to(torch.int32), torch.softmax(values, dim=-1)
 

@@ -4,7 +4,8 @@ Two kernels, because one program per token leaves a batch-1 step on a single SM 
   logits: grid (token, K split): partial logits of every expert over one slice of the hidden size;
   top-k:  one program per token sums the partials and the bias, then takes k rounds of (max, lowest index
           holding it, knock it out), so ties go to the lower expert id, and softmaxes the k values.
-Logits stay in float32.
+Logits stay in float32, or are rounded to bf16 first (round_logits=True) to pick exactly what a model whose
+router matmul outputs bf16 picks (the reference model does; ties within one bf16 step are common).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _router_logits_kernel(
 def _topk_softmax_kernel(
     partial_ptr, b_ptr, ids_ptr, weights_ptr, n_experts,
     TOPK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
@@ -46,6 +48,11 @@ def _topk_softmax_kernel(
     splits = tl.arange(0, SPLITS)
     partial = tl.load(partial_ptr + (token * SPLITS + splits[:, None]) * BLOCK_E + experts[None, :])
     logits = tl.sum(partial, axis=0) + tl.load(b_ptr + experts, mask=valid_e, other=0.0).to(tl.float32)
+    if ROUND_BF16:
+        # Round to nearest even by hand: the 3.6 interpreter's .to(tl.bfloat16) truncates instead.
+        bits = logits.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        logits = bits.to(tl.float32, bitcast=True)
     logits = tl.where(valid_e, logits, float("-inf"))
 
     slots = tl.arange(0, BLOCK_TOPK)
@@ -65,7 +72,9 @@ def _topk_softmax_kernel(
     tl.store(weights_ptr + token * TOPK + slots, p, mask=keep)
 
 
-def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def router(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int, round_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H], weight [E, H] (contiguous), bias [E] -> (expert ids int32 [T, k], routing weights float32 [T, k])."""
     tokens, hidden = x.shape
     n_experts = weight.shape[0]
@@ -85,6 +94,7 @@ def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) ->
     weights = torch.empty(tokens, k, dtype=torch.float32, device=x.device)
     _topk_softmax_kernel[(tokens,)](
         partial, bias, ids, weights, n_experts,
-        TOPK=k, SPLITS=splits, BLOCK_E=block_e, BLOCK_TOPK=max(2, triton.next_power_of_2(k)), num_warps=1,
+        TOPK=k, SPLITS=splits, BLOCK_E=block_e, BLOCK_TOPK=max(2, triton.next_power_of_2(k)), ROUND_BF16=round_logits,
+        num_warps=1,
     )
     return ids, weights

@@ -1,0 +1,98 @@
+"""gpt-oss on Kubrick's Triton kernels: the reference model's weights, cache and interface, a faster forward.
+
+`FastTransformer(config, weights)` is a drop-in for `model.Transformer` (same `forward(tokens, cache)`,
+`new_cache`, `weights_bytes`), checked against it in tests/kernels/test_fast_model.py. Per layer:
+RMSNorm kernel -> QKV matmul (torch) -> YaRN RoPE (the reference's own RotaryEmbedding) -> keys/values
+written into the reference KVCache in place -> sink attention kernel (prefill: flash-style; one new token:
+split-KV decode) -> out matmul (torch) + residual -> RMSNorm kernel -> router kernel (bf16-rounded logits,
+as the reference's bf16 matmul picks) -> MXFP4 MoE kernel (GEMV for few tokens, expert tiles for many).
+Dense matmuls stay with torch (cuBLAS is at its roofline there); the CUDA-graph decode loop comes next.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kubrick.engine.config import ModelConfig
+from kubrick.engine.kernels import moe
+from kubrick.engine.kernels.attention import attention_decode, attention_prefill
+from kubrick.engine.kernels.rmsnorm import rmsnorm
+from kubrick.engine.kernels.router import router
+from kubrick.engine.kv_cache import KVCache
+from kubrick.engine.model import RotaryEmbedding
+
+
+class FastTransformer:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
+        self.config = config
+        self.w = weights
+        self.embedding = weights["embedding.weight"]
+        self.device = self.embedding.device
+        self.rope = RotaryEmbedding(config, self.device)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, capacity, c.num_key_value_heads, c.head_dim, self.device)
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        return self.forward(tokens, cache, all_logits)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """tokens [n] -> fp32 logits [n, vocab] (or [1, vocab] for the last token); advances the cache by n."""
+        c = self.config
+        start, n = cache.length, len(tokens)
+        if start + n > cache.capacity:
+            raise ValueError(f"KV cache full: {start + n} tokens > capacity {cache.capacity}")
+        positions = torch.arange(start, start + n, device=self.device)
+        cos, sin = self.rope.cos_sin(positions)
+        kv_lens = torch.full((1,), start + n, dtype=torch.int32, device=self.device)
+        x = self.embedding[tokens.to(self.device)]
+        for layer in range(c.num_hidden_layers):
+            x = self._attention(layer, x, cos, sin, cache, start, kv_lens)
+            x = self._moe(layer, x)
+        cache.advance(n)
+        x = rmsnorm(x if all_logits else x[-1:], self.w["norm.scale"], c.rms_norm_eps)
+        return F.linear(x, self.w["unembedding.weight"]).float()
+
+    def _attention(self, layer, x, cos, sin, cache: KVCache, start: int, kv_lens: torch.Tensor) -> torch.Tensor:
+        c, p = self.config, f"block.{layer}.attn."
+        n = x.shape[0]
+        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
+        qkv = F.linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
+        q_size, kv_size = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        q, k, v = torch.split(qkv, [q_size, kv_size, kv_size], dim=-1)
+        q = self.rope.rotate(q.reshape(n, c.num_attention_heads, c.head_dim), cos, sin)
+        k = self.rope.rotate(k.reshape(n, c.num_key_value_heads, c.head_dim), cos, sin)
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[start : start + n] = k
+        values[start : start + n] = v.reshape(n, c.num_key_value_heads, c.head_dim)
+        window = c.sliding_window if c.is_sliding(layer) else 0
+        sinks = self.w[p + "sinks"]
+        if n == 1:
+            out = attention_decode(q, keys[None], values[None], sinks, kv_lens, window=window)
+        else:
+            out = attention_prefill(q[None], keys[None], values[None], sinks, start_pos=start, window=window)[0]
+        return x + F.linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"])
+
+    def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        c, p = self.config, f"block.{layer}.mlp."
+        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
+        ids, weights = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,
+                              round_logits=t.dtype == torch.bfloat16)
+        y = moe(
+            t, ids, weights,
+            self.w[p + "mlp1_weight.blocks"], self.w[p + "mlp1_weight.scales"], self.w[p + "mlp1_bias"],
+            self.w[p + "mlp2_weight.blocks"], self.w[p + "mlp2_weight.scales"], self.w[p + "mlp2_bias"],
+            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
+        )
+        return x + y
+
+    def weights_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in self.w.values():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
