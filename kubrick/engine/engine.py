@@ -62,6 +62,11 @@ class Engine:
         self.context_length = context_length
         self.version = f"{__version__}-reference"
         self.config, weights = load_checkpoint(self.checkpoint, self.torch_device)
+        if self.config.vocab_size < harmony.VOCAB_SIZE:
+            raise EngineError(
+                f"checkpoint {self.checkpoint} has a vocabulary of {self.config.vocab_size} tokens; gpt-oss's "
+                f"Harmony format needs {harmony.VOCAB_SIZE}"
+            )
         self.model = Transformer(self.config, weights)
         self.cache = self.model.new_cache(context_length)
         self.cached_tokens: list[int] = []  # the tokens whose keys/values the cache holds
@@ -136,7 +141,7 @@ class Engine:
                     if cancel.cancelled:
                         reason = "cancelled"
                         break
-                    token = sampler(logits)
+                    token = sampler(logits[: harmony.VOCAB_SIZE])  # a padded vocabulary's extra ids mean nothing
                     produced += 1
                     if first_token_at is None:
                         first_token_at = time.perf_counter()

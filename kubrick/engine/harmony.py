@@ -17,6 +17,7 @@ import openai_harmony as oh
 
 from kubrick.engine.api import ContentDelta, Message, ReasoningDelta
 
+VOCAB_SIZE = 201088  # o200k_harmony: ordinary tokens, Harmony's specials and reserved ids
 MAX_HEADER_TOKENS = 32  # a real header (`<|channel|>final<|message|>`, maybe a recipient) is far shorter
 EFFORTS = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
 
@@ -69,7 +70,7 @@ class HarmonyStream:
             return self._raw([token])
         try:
             self.parser.process(token)
-        except oh.HarmonyError:
+        except Exception:  # HarmonyError or anything else the parser objects to: the words must still get out
             return self._abandon_format(token)
         if self.parser.state == oh.StreamState.EXPECT_START:  # the token closed a message
             self.unplaced.clear()

@@ -194,3 +194,16 @@ def test_a_tool_call_token_ends_the_turn(tiny_original):
     events = list(engine.generate(HELLO, SamplingParams(temperature=0, max_tokens=100)))
     assert _finished(events).reason == "stop"
     assert "more" not in _text(events)
+
+
+def test_a_checkpoint_too_small_for_harmony_tokens_is_refused(tmp_path):
+    import json
+
+    from kubrick.engine.config import PRESETS
+    from kubrick.engine.make_checkpoint import make_checkpoint
+
+    config = tmp_path / "small-vocab.json"
+    config.write_text(json.dumps(PRESETS["tiny"].to_original_json() | {"vocab_size": 1000}))
+    folder = make_checkpoint(tmp_path / "ck", config_file=config)
+    with pytest.raises(EngineError, match="has a vocabulary of 1000 tokens; gpt-oss's Harmony format needs 201088"):
+        Engine(folder)
