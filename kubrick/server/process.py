@@ -163,7 +163,11 @@ class TritonServer:
             shown.append(head)
             out.append(head)
             if not out[:-1]:  # the first error: keep its traceback ("At: file(line): function")
-                out.extend("    " + t.strip() for t in rest.splitlines() if t.strip() and t.strip() not in ('"', "At:"))
+                out.extend(
+                    "    " + t.strip()
+                    for t in rest.splitlines()
+                    if t.strip() and t.strip() not in ('"', "At:") and "<frozen importlib" not in t
+                )
         if not out:
             out = self.log_text().splitlines()[-lines:]
         return "\n".join("  " + line for line in out[:lines]) or "  (the log is empty)"
