@@ -2,8 +2,8 @@
 
 `FastTransformer(config, weights)` is a drop-in for `model.Transformer` (same `forward(tokens, cache)`,
 `new_cache`, `weights_bytes`), checked against it in tests/kernels/test_fast_model.py. Per layer:
-RMSNorm kernel -> QKV matmul (torch) -> YaRN RoPE (the reference's own RotaryEmbedding) -> keys/values
-written into the reference KVCache in place -> sink attention kernel (prefill: flash-style; one new token:
+RMSNorm kernel -> QKV matmul (torch) -> one kernel for YaRN RoPE (cos/sin from the reference's own
+RotaryEmbedding) + keys/values written into the reference KVCache in place -> sink attention kernel (prefill: flash-style; one new token:
 split-KV decode) -> out matmul (torch) + residual -> RMSNorm kernel -> router kernel (bf16-rounded logits,
 as the reference's bf16 matmul picks) -> MXFP4 MoE kernel (GEMV for few tokens, expert tiles for many).
 Dense matmuls stay with torch (cuBLAS is at its roofline there); the CUDA-graph decode loop comes next.
@@ -18,6 +18,7 @@ from kubrick.engine.config import ModelConfig
 from kubrick.engine.kernels import moe
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill
 from kubrick.engine.kernels.rmsnorm import rmsnorm
+from kubrick.engine.kernels.rope import rope_and_cache
 from kubrick.engine.kernels.router import router
 from kubrick.engine.kv_cache import KVCache
 from kubrick.engine.model import RotaryEmbedding
@@ -50,24 +51,19 @@ class FastTransformer:
         kv_lens = torch.full((1,), start + n, dtype=torch.int32, device=self.device)
         x = self.embedding[tokens.to(self.device)]
         for layer in range(c.num_hidden_layers):
-            x = self._attention(layer, x, cos, sin, cache, start, kv_lens)
+            x = self._attention(layer, x, positions, cos, sin, cache, start, kv_lens)
             x = self._moe(layer, x)
         cache.advance(n)
         x = rmsnorm(x if all_logits else x[-1:], self.w["norm.scale"], c.rms_norm_eps)
         return F.linear(x, self.w["unembedding.weight"]).float()
 
-    def _attention(self, layer, x, cos, sin, cache: KVCache, start: int, kv_lens: torch.Tensor) -> torch.Tensor:
+    def _attention(self, layer, x, positions, cos, sin, cache: KVCache, start: int, kv_lens) -> torch.Tensor:
         c, p = self.config, f"block.{layer}.attn."
         n = x.shape[0]
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
         qkv = F.linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
-        q_size, kv_size = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        q, k, v = torch.split(qkv, [q_size, kv_size, kv_size], dim=-1)
-        q = self.rope.rotate(q.reshape(n, c.num_attention_heads, c.head_dim), cos, sin)
-        k = self.rope.rotate(k.reshape(n, c.num_key_value_heads, c.head_dim), cos, sin)
         keys, values = cache.keys[layer], cache.values[layer]
-        keys[start : start + n] = k
-        values[start : start + n] = v.reshape(n, c.num_key_value_heads, c.head_dim)
+        q = rope_and_cache(qkv, cos, sin, positions, keys, values, c.num_attention_heads, c.num_key_value_heads)
         window = c.sliding_window if c.is_sliding(layer) else 0
         sinks = self.w[p + "sinks"]
         if n == 1:

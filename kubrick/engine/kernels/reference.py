@@ -112,3 +112,19 @@ def attention(
     sink = sinks.float().view(q_heads, 1, 1).expand(q_heads, n_tokens, 1)
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
     return torch.einsum("hts,shd->thd", probs, values).to(q.dtype)
+
+
+def rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, q_heads: int, kv_heads: int) -> torch.Tensor:
+    """Split qkv, rotate q and k (NeoX halves, float32 math), write k and v into the caches at `positions`."""
+    n = qkv.shape[0]
+    head_dim = qkv.shape[1] // (q_heads + 2 * kv_heads)
+    q, k, v = torch.split(qkv, [q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+
+    def rotate(x, heads):
+        x1, x2 = torch.chunk(x.reshape(n, heads, head_dim).float(), 2, dim=-1)
+        c, s = cos[:, None, :].float(), sin[:, None, :].float()
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)
+
+    k_cache[positions] = rotate(k, kv_heads).to(k_cache.dtype)
+    v_cache[positions] = v.reshape(n, kv_heads, head_dim).to(v_cache.dtype)
+    return rotate(q, q_heads)
