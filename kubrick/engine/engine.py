@@ -1,7 +1,8 @@
 """Engine: a conversation in, a stream of reasoning/answer deltas out, on one gpt-oss checkpoint.
 
 One generation at a time (the scheduler queues requests in front of it). The KV cache is kept between
-requests, so a follow-up turn whose prompt extends the last conversation only prefills its new tokens.
+requests, so a follow-up turn whose prompt extends the last conversation reuses the whole prefill chunks
+it shares with it (see `_prefill`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Engine:
         self.model = Transformer(self.config, weights)
         self.cache = self.model.new_cache(context_length)
         self.cached_tokens: list[int] = []  # the tokens whose keys/values the cache holds
+        self.prefill_chunk = PREFILL_CHUNK
+        self.prefilled_chunks = 0  # leading whole chunks of the cache that a prefill computed
+        self.last_reused_tokens = 0  # prompt tokens the last request took from the cache
         self.stop_tokens = harmony.stop_tokens()
         self._lock = threading.Lock()
 
@@ -110,17 +114,28 @@ class Engine:
         return self._stream(prompt, params, cancel or CancelToken())
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Logits after the prompt, reusing the cached prefix the last request left behind."""
+        """Logits after the prompt. The prompt runs in chunks of `prefill_chunk` tokens counted from position 0.
+
+        Whole chunks the last request already ran with the same tokens are reused from the cache. Only whole
+        chunks, and only ones that came from a prefill: then every number is computed exactly as a cold
+        start computes it (the same tokens in the same matmul shapes), so greedy replies never depend on
+        what the engine served before. Keys from decode steps, computed one token at a time, round
+        differently and are recomputed.
+        """
+        chunk = self.prefill_chunk
         shared = 0
         for a, b in zip(self.cached_tokens, prompt[:-1]):  # at least one token must run to give logits
             if a != b:
                 break
             shared += 1
-        self.cache.truncate(shared)
+        reuse = min(shared // chunk, self.prefilled_chunks) * chunk
+        self.cache.truncate(reuse)
         self.cached_tokens = list(prompt)
-        tokens = torch.tensor(prompt[shared:], dtype=torch.long, device=self.torch_device)
-        for chunk in torch.split(tokens, PREFILL_CHUNK):  # bounds attention's score matrix on long prompts
-            logits = self.model(chunk, self.cache)
+        self.last_reused_tokens = reuse
+        for start in range(reuse, len(prompt), chunk):  # bounds attention's score matrix on long prompts
+            part = torch.tensor(prompt[start : start + chunk], dtype=torch.long, device=self.torch_device)
+            logits = self.model(part, self.cache)
+        self.prefilled_chunks = len(prompt) // chunk
         return logits[-1]
 
     def _step(self, token: int) -> torch.Tensor:

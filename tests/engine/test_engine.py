@@ -52,6 +52,11 @@ def test_greedy_gives_the_same_reply_every_time_even_with_a_warm_cache(engine, t
     assert first == again == fresh
 
 
+def _small_chunks(engine: Engine) -> Engine:
+    engine.prefill_chunk = 16  # so that short test prompts span several chunks
+    return engine
+
+
 def test_a_seed_fixes_a_sampled_reply(engine):
     params = SamplingParams(temperature=1.0, seed=11, max_tokens=16)
     assert _text(engine.generate(HELLO, params)) == _text(engine.generate(HELLO, params))
@@ -59,12 +64,25 @@ def test_a_seed_fixes_a_sampled_reply(engine):
     assert _text(engine.generate(HELLO, params)) != _text(engine.generate(HELLO, other))
 
 
-def test_a_follow_up_turn_reuses_the_cache_and_matches_a_cold_start(engine, tiny_original):
-    reply = _text(engine.generate(HELLO, GREEDY))
+def test_a_follow_up_turn_reuses_the_cache_and_matches_a_cold_start(tiny_original):
+    warm_engine = _small_chunks(Engine(tiny_original, context_length=256))
+    reply = _text(warm_engine.generate(HELLO, GREEDY))
     follow_up = HELLO + [Message("assistant", reply), Message("user", "And the mountains?")]
-    warm = _text(engine.generate(follow_up, GREEDY))
-    cold = _text(Engine(tiny_original, context_length=256).generate(follow_up, GREEDY))
+    warm = _text(warm_engine.generate(follow_up, GREEDY))
+    assert warm_engine.last_reused_tokens >= 48  # the first turn's whole chunks were not recomputed
+    cold_engine = _small_chunks(Engine(tiny_original, context_length=256))
+    cold = _text(cold_engine.generate(follow_up, GREEDY))
+    assert cold_engine.last_reused_tokens == 0
     assert warm == cold
+
+
+def test_asking_the_same_again_reuses_the_cache_and_gives_the_same_reply(tiny_original):
+    engine = _small_chunks(Engine(tiny_original, context_length=256))
+    params = SamplingParams(temperature=0, max_tokens=40)
+    first = _text(engine.generate(HELLO, params))
+    second = _text(engine.generate(HELLO, params))
+    assert engine.last_reused_tokens > 0
+    assert first == second
 
 
 def test_a_stop_string_ends_the_reply_just_before_it(engine):
