@@ -5,7 +5,7 @@ Memory-bound kernels (decode) are measured against the device-to-device copy ban
 run; compute-bound ones (prefill) report TFLOP/s. Every kernel runs over LAYERS distinct weight/cache copies
 inside one CUDA graph, so nothing is served from L2 that a real decode step would have to read from HBM.
 
-    python scripts/bench_kernels.py [--json out.json] [--layers 8]
+    python scripts/bench_kernels.py [--sweep] [--model] [--json out.json] [--layers 8]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from kubrick.engine.kernels.attention import attention_decode, attention_prefill
 from kubrick.engine.kernels.moe_gemv import moe_gemv  # noqa: E402
 from kubrick.engine.kernels.moe_grouped import moe_grouped  # noqa: E402
 from kubrick.engine.kernels.rmsnorm import rmsnorm  # noqa: E402
+from kubrick.engine.kernels.rope import rope_and_cache  # noqa: E402
 from kubrick.engine.kernels.router import router  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOPK = 2880, 2880, 32, 4
@@ -137,6 +138,16 @@ def bench(layers: int) -> tuple[list[dict], float]:
         sec = time_per_call([lambda x=x: rmsnorm(x, norm_w) for x in xs])
         add(f"rmsnorm T={tokens}", sec, 2 * tokens * HIDDEN * 2 + HIDDEN * 4)
 
+    qkv_width = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+    for tokens in (1, 2048):
+        qkvs = [torch.randn(tokens, qkv_width, device="cuda", dtype=BF16) for _ in range(layers)]
+        caches = [torch.zeros(4096, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16) for _ in range(2)]
+        positions = torch.arange(tokens, device="cuda")
+        cos = torch.randn(tokens, HEAD_DIM // 2, device="cuda")
+        sin = torch.randn_like(cos)
+        sec = time_per_call([lambda x=x: rope_and_cache(x, cos, sin, positions, *caches, Q_HEADS, KV_HEADS) for x in qkvs])
+        add(f"rope_and_cache T={tokens}", sec, tokens * (2 * qkv_width * 2 + HEAD_DIM * 4))
+
     sinks = torch.randn(Q_HEADS, device="cuda")
     for batch, context, window in ((1, 4096, WINDOW), (1, 4096, 0), (1, 128, 0), (8, 4096, 0), (64, 1024, 0)):
         caches = [(torch.randn(batch, context, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16),
@@ -197,6 +208,70 @@ def sweep(layers: int) -> list[dict]:
     return rows
 
 
+def random_20b_weights() -> tuple:
+    """gpt-oss-20b's config and random weights made on the GPU (no checkpoint on disk), names as the loader's."""
+    import math
+
+    from kubrick.engine.checkpoint import UINT8, original_tensors
+    from kubrick.engine.config import ModelConfig
+
+    config = ModelConfig()
+    weights = {}
+    for name, (shape, kind) in original_tensors(config).items():
+        if kind == UINT8 and name.endswith(".blocks"):
+            weights[name] = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda")
+        elif kind == UINT8:  # scales: block RMS about 1/sqrt(fan_in)
+            weights[name] = torch.randint(118, 121, shape, dtype=torch.uint8, device="cuda")
+        elif name.endswith(".scale") or name.endswith(".sinks"):
+            weights[name] = 1.0 + 0.1 * torch.randn(shape, device="cuda")
+        else:
+            std = 0.1 if name.endswith(".bias") else (1.0 if name == "embedding.weight" else 1 / math.sqrt(shape[-1]))
+            weights[name] = (torch.randn(shape, device="cuda") * std).to(BF16)
+    return config, weights
+
+
+def bench_model() -> list[dict]:
+    """FastTransformer at the 20b shape, eager (no CUDA graph yet): decode ms/token and prefill tokens/s."""
+    from kubrick.engine.fast_model import FastTransformer
+
+    config, weights = random_20b_weights()
+    model = FastTransformer(config, weights)
+    rows = []
+    for context in (128, 4096):
+        cache = model.new_cache(context + 64)
+        prompt = torch.randint(0, config.vocab_size, (context,), device="cuda")
+        for chunk in torch.split(prompt, 2048):
+            logits = model(chunk, cache)
+        token = logits[-1].argmax().view(1)
+        for _ in range(4):  # warm up
+            token = model(token, cache)[-1].argmax().view(1)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        steps = 32
+        for _ in range(steps):
+            token = model(token, cache)[-1].argmax().view(1)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / steps
+        rows.append(dict(kernel=f"FastTransformer decode ctx={context} (eager)", us=ms * 1e3, note=f"{1e3 / ms:.0f} tok/s"))
+        print(format_row(rows[-1]), flush=True)
+    cache = model.new_cache(2048)
+    prompt = torch.randint(0, config.vocab_size, (2048,), device="cuda")
+    model(prompt, cache)
+    cache.truncate(0)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    model(prompt, cache)
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end)
+    rows.append(dict(kernel="FastTransformer prefill 2048 tokens", us=ms * 1e3, note=f"{2048e3 / ms:.0f} tok/s"))
+    print(format_row(rows[-1]), flush=True)
+    return rows
+
+
 def format_row(row: dict) -> str:
     parts = [f"{row['kernel']:<36} {row['us']:9.1f} us"]
     if "gbps" in row:
@@ -213,6 +288,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench_kernels.json"), help="where to write the results")
     parser.add_argument("--layers", type=int, default=8, help="distinct weight/cache copies per timed graph")
     parser.add_argument("--sweep", action="store_true", help="also time the MoE kernels under other block sizes")
+    parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape (eager)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU")
@@ -221,6 +297,12 @@ def main() -> None:
     rows, bandwidth = bench(args.layers)
     print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     sweep_rows = sweep(args.layers) if args.sweep else []
+    if args.model:
+        torch.cuda.empty_cache()
+        try:
+            rows += bench_model()
+        except Exception as exc:  # keep the kernel figures even if the model run fails
+            print(f"FastTransformer bench failed: {exc!r}", flush=True)
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),

@@ -7,7 +7,10 @@ from kubrick.engine.kernels import moe, reference
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill
 from kubrick.engine.kernels.moe_gemv import moe_gemv
 from kubrick.engine.kernels.moe_grouped import moe_grouped
+from kubrick.engine.config import ModelConfig
 from kubrick.engine.kernels.rmsnorm import rmsnorm
+from kubrick.engine.kernels.rope import rope_and_cache
+from kubrick.engine.model import RotaryEmbedding
 from kubrick.engine.kernels.router import router
 
 from .helpers import poisoned, random_moe, rel_error
@@ -87,3 +90,16 @@ def test_router_and_rmsnorm_real_shape():
     ref_ids, ref_weights = reference.router(x, w, b, TOPK)
     assert torch.allclose(logits.gather(1, ids.long()), logits.gather(1, ref_ids.long()), rtol=1e-4, atol=1e-4)
     assert rel_error(weights, ref_weights) < 1e-4
+
+
+@pytest.mark.parametrize("n_tokens", [1, 300])
+def test_rope_and_cache_real_shape(n_tokens):
+    rope = RotaryEmbedding(ModelConfig(), torch.device("cuda"))
+    positions = torch.arange(4000, 4000 + n_tokens, device="cuda")
+    cos, sin = rope.cos_sin(positions)
+    qkv = torch.randn(n_tokens, (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    caches = [torch.zeros(4400, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    q = rope_and_cache(qkv, cos, sin, positions, caches[0], caches[1], Q_HEADS, KV_HEADS)
+    expected = reference.rope_and_cache(qkv, cos, sin, positions, caches[2], caches[3], Q_HEADS, KV_HEADS)
+    assert rel_error(q, expected) < 1e-2
+    assert rel_error(caches[0], caches[2]) < 1e-2 and torch.equal(caches[1], caches[3])
