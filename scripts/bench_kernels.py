@@ -174,8 +174,9 @@ def bench(layers: int) -> tuple[list[dict], float]:
 GEMV_SWEEP = [
     dict(DECODE=d, BLOCK_I=i, BLOCK_N=n, BLOCK_K=k, num_warps=w)
     for d in ("swar", "swar_x_per_row")
-    for i, n, k, w in ((8, 16, 512, 4), (8, 8, 512, 4), (4, 8, 512, 4), (8, 16, 256, 2), (16, 16, 512, 8),
-                       (8, 16, 1024, 8), (4, 4, 512, 2))
+    # More rows per program share each thread's x values over more weight rows (x costs ~3 ops a value).
+    for i, n, k, w in ((8, 16, 512, 4), (8, 8, 512, 4), (8, 16, 1024, 8), (16, 16, 1024, 4), (32, 32, 512, 4),
+                       (32, 32, 1024, 8), (32, 16, 512, 4), (64, 64, 256, 4))
 ]
 GROUPED_SWEEP = [
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)

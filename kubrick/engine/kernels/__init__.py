@@ -3,6 +3,7 @@
 Kernel (module)                         what it computes                                   reference
 rmsnorm.rmsnorm                         RMSNorm, float32 statistics                        reference.rmsnorm
 router.router                           x W^T + b, top-k, softmax over the k               reference.router
+rope.rope_and_cache                     QKV split + YaRN RoPE + KV-cache write             reference.rope_and_cache
 moe_gemv.moe_gemv                       MXFP4 MoE for few tokens (decode)                  reference.moe
 moe_grouped.moe_grouped                 MXFP4 MoE for many tokens (prefill), expert tiles  reference.moe
 attention.attention_prefill             flash-style causal GQA with sinks + window         reference.attention
@@ -11,7 +12,8 @@ moe()                                   picks moe_gemv or moe_grouped by token c
 
 Block sizes come from the per-architecture table in _common.py. Everything runs under TRITON_INTERPRET=1 on
 CPU tensors too (tests do that at small shapes); dots then use float32 operands because the 3.6 interpreter
-computes bf16 tl.dot wrong. Tests: tests/kernels (GPU ones marked gpu); bench: scripts/bench_kernels.py.
+computes bf16 tl.dot wrong. kubrick/engine/fast_model.py runs the whole model on them. Tests: tests/kernels
+(GPU ones marked gpu); bench: scripts/bench_kernels.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 if not torch.cuda.is_available():
     # Without a GPU, compiled Triton cannot run at all; the interpreter can (slowly). triton.jit reads this
-    # when a kernel is decorated, so it must be set before the kernel modules below are imported.
+    # when a kernel is decorated, and every kernel module imports this package first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Above this many (token, expert) pairs the grouped kernel wins: experts get shared by several tokens, so
