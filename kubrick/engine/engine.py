@@ -20,13 +20,11 @@ from kubrick import __version__
 from kubrick.engine import harmony
 from kubrick.engine.api import (
     CancelToken,
-    ContentDelta,
     EngineError,
     Event,
     Finished,
     InvalidRequest,
     Message,
-    ReasoningDelta,
     SamplingParams,
     Usage,
     parse_params,
