@@ -21,6 +21,16 @@ from rich.text import Text
 
 CODE_THEME = "monokai"
 
+# Control characters a model (or a server) may emit would move the terminal's cursor behind rich's back
+# (or inject escape sequences): keep newlines and tabs, drop the rest of C0/C1, turn Unicode line breaks
+# into spaces. Only the screen sees this; the conversation keeps the text as sent.
+_SCREEN_UNSAFE = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)]}
+_SCREEN_UNSAFE.update({0x2028: " ", 0x2029: " "})
+
+
+def screen_safe(text: str) -> str:
+    return text.translate(_SCREEN_UNSAFE)
+
 
 @contextmanager
 def quiet_terminal():
@@ -140,20 +150,29 @@ class LiveRenderer:
         if self._live is None:
             self._live = Live(console=self.console, auto_refresh=False, transient=True, redirect_stdout=False,
                               redirect_stderr=False)
+            self._autowrap(False)
             self._live.start()
         return self._live
+
+    def _autowrap(self, on: bool) -> None:
+        """Rich and the terminal may disagree on the width of some characters (combining marks of Indic
+        scripts, emoji sequences). With autowrap off, a line the terminal finds too long is clipped instead of
+        wrapped, so the live area keeps the height rich thinks it has and no stale lines are left behind."""
+        if self.console.is_terminal:
+            self.console.file.write("\x1b[?7h" if on else "\x1b[?7l")
+            self.console.file.flush()
 
     def reasoning(self, text: str) -> None:
         if not self.show_reasoning or self._in_answer:
             return
-        self._reasoning.feed(text)
+        self._reasoning.feed(screen_safe(text))
         self._update()
 
     def answer(self, text: str) -> None:
         if not self._in_answer:
             self._in_answer = True
             self._commit_reasoning(everything=True)
-        self._answer.feed(text)
+        self._answer.feed(screen_safe(text))
         self._update()
 
     def _commit_reasoning(self, everything: bool) -> None:
@@ -200,6 +219,7 @@ class LiveRenderer:
             self._live.update(Text(""), refresh=True)
             self._live.stop()
             self._live = None
+            self._autowrap(True)
         if rest.strip():
             self.console.print(Markdown(rest, code_theme=CODE_THEME))
 

@@ -75,6 +75,12 @@ def test_live_renderer_shows_reasoning_then_the_whole_answer_once():
     assert "```" not in text and "**" not in text  # Markdown was rendered, not printed raw
 
 
+def test_control_characters_from_the_model_never_reach_the_terminal():
+    text, _ = render_with(lambda c: LiveRenderer(c), [("reasoning", "think\x1b[2J"), ("answer", "a\rb\x07c\x85d\u2028e\tf")])
+    assert "\x1b[2J" not in text and "\r" not in text and "\x07" not in text and "\x85" not in text
+    assert "think[2J" in text and "abcd e" in text
+
+
 def test_hidden_reasoning_is_not_shown():
     text, _ = render_with(lambda c: LiveRenderer(c, show_reasoning=False), [("reasoning", "secret"), ("answer", "Hi")])
     assert "secret" not in text and "Hi" in text

@@ -44,8 +44,8 @@ def servers_to_ask():
 
 @pytest.mark.parametrize("target", servers_to_ask())
 def test_ask_see_the_answer_and_exit(target, server, tmp_path):
-    url = server.url if target == "scripted" else target
-    with KubrickInTmux(url, tmp_path / "home") as k:
+    url, args = (server.url, ()) if target == "scripted" else (target, ("--max-tokens", "48"))
+    with KubrickInTmux(url, tmp_path / "home", args=args) as k:
         k.wait_for("›")
         k.type("What is Kubrick?")
         k.keys("Enter")
