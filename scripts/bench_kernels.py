@@ -232,14 +232,14 @@ def random_20b_weights() -> tuple:
 
 
 def bench_model() -> list[dict]:
-    """FastTransformer at the 20b shape, eager (no CUDA graph yet): decode ms/token and prefill tokens/s."""
-    from kubrick.engine.fast_model import FastTransformer
+    """FastTransformer at the 20b shape: decode ms/token (eager and CUDA graph) and prefill tokens/s."""
+    from kubrick.engine.fast_model import CudaGraphDecoder, FastTransformer
 
     config, weights = random_20b_weights()
     model = FastTransformer(config, weights)
     rows = []
     for context in (128, 4096):
-        cache = model.new_cache(context + 64)
+        cache = model.new_cache(context + 128)  # prompt, 4 warm-up, 32 eager and 32 graphed steps
         prompt = torch.randint(0, config.vocab_size, (context,), device="cuda")
         for chunk in torch.split(prompt, 2048):
             logits = model(chunk, cache)
@@ -257,6 +257,17 @@ def bench_model() -> list[dict]:
         ms = start.elapsed_time(end) / steps
         rows.append(dict(kernel=f"FastTransformer decode ctx={context} (eager)", us=ms * 1e3, note=f"{1e3 / ms:.0f} tok/s"))
         print(format_row(rows[-1]), flush=True)
+        decoder = CudaGraphDecoder(model, cache)
+        start.record()
+        for _ in range(steps):
+            token = decoder.step(token)[-1].argmax().view(1)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / steps
+        rows.append(dict(kernel=f"FastTransformer decode ctx={context} (CUDA graph)", us=ms * 1e3,
+                         note=f"{1e3 / ms:.0f} tok/s"))
+        print(format_row(rows[-1]), flush=True)
+        del decoder
     cache = model.new_cache(2048)
     prompt = torch.randint(0, config.vocab_size, (2048,), device="cuda")
     model(prompt, cache)
@@ -289,7 +300,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench_kernels.json"), help="where to write the results")
     parser.add_argument("--layers", type=int, default=8, help="distinct weight/cache copies per timed graph")
     parser.add_argument("--sweep", action="store_true", help="also time the MoE kernels under other block sizes")
-    parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape (eager)")
+    parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU")

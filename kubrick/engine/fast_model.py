@@ -42,22 +42,35 @@ class FastTransformer:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """tokens [n] -> fp32 logits [n, vocab] (or [1, vocab] for the last token); advances the cache by n."""
-        c = self.config
         start, n = cache.length, len(tokens)
         if start + n > cache.capacity:
             raise ValueError(f"KV cache full: {start + n} tokens > capacity {cache.capacity}")
         positions = torch.arange(start, start + n, device=self.device)
+        logits = self._run(tokens.to(self.device), positions, cache, start, all_logits)
+        cache.advance(n)
+        return logits
+
+    @torch.inference_mode()
+    def decode_step(self, token: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token at one position, both int64 tensors [1] on the device -> logits [1, vocab].
+
+        No host work at all, so CUDA graphs can capture it (see CudaGraphDecoder). Writes the token's keys and
+        values at `position`; does not touch cache.length.
+        """
+        return self._run(token, position, cache, start=None, all_logits=False)
+
+    def _run(self, tokens, positions, cache: KVCache, start: int | None, all_logits: bool) -> torch.Tensor:
+        c = self.config
         cos, sin = self.rope.cos_sin(positions)
-        kv_lens = torch.full((1,), start + n, dtype=torch.int32, device=self.device)
-        x = self.embedding[tokens.to(self.device)]
+        kv_lens = (positions[-1:] + 1).to(torch.int32)  # decode attention reads the length from the device
+        x = self.embedding[tokens]
         for layer in range(c.num_hidden_layers):
             x = self._attention(layer, x, positions, cos, sin, cache, start, kv_lens)
             x = self._moe(layer, x)
-        cache.advance(n)
         x = rmsnorm(x if all_logits else x[-1:], self.w["norm.scale"], c.rms_norm_eps)
         return F.linear(x, self.w["unembedding.weight"]).float()
 
-    def _attention(self, layer, x, positions, cos, sin, cache: KVCache, start: int, kv_lens) -> torch.Tensor:
+    def _attention(self, layer, x, positions, cos, sin, cache: KVCache, start: int | None, kv_lens) -> torch.Tensor:
         c, p = self.config, f"block.{layer}.attn."
         n = x.shape[0]
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
@@ -92,3 +105,37 @@ class FastTransformer:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
         return total
+
+
+class CudaGraphDecoder:
+    """Batch-1 decode by replaying one captured CUDA graph of FastTransformer.decode_step.
+
+    The token and its position live in static device buffers: a step copies them in, replays the graph and
+    returns the static logits buffer (valid until the next step). The cache is the one captured with.
+    """
+
+    def __init__(self, model: FastTransformer, cache: KVCache):
+        self.model, self.cache = model, cache
+        device = model.device
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        # Warm-up and capture write keys/values at the last cache row, which no prompt has reached yet.
+        self.position = torch.full((1,), cache.capacity - 1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles every kernel outside the capture
+                model.decode_step(self.token, self.position, cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.token, self.position, cache)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token: int64 tensor [1] on the device (e.g. the previous step's argmax) -> logits [1, vocab]."""
+        if self.cache.length >= self.cache.capacity:
+            raise ValueError(f"KV cache full: {self.cache.length + 1} tokens > capacity {self.cache.capacity}")
+        self.token.copy_(token)
+        self.position.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.advance(1)
+        return self.logits
