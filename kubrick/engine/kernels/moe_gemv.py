@@ -35,6 +35,23 @@ def _e8m0(scale):
 
 
 @triton.jit
+def _lo(pair):
+    """The low bf16 pattern of a 32-bit word as a float32 (a bf16 is the top half of a float32)."""
+    return (pair << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hi(pair):
+    return (pair & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_scaled(base, offset: tl.constexpr, in_k):
+    """x at K position 8 * word + offset, times 2**64 (see the module docstring)."""
+    return tl.load(base + offset, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19
+
+
+@triton.jit
 def _swar_step(w_words, w_scales, rows, row_mask, x_row, w0, K_WORDS: tl.constexpr, NSB: tl.constexpr,
                X_PER_ROW: tl.constexpr):
     """One K step of the "swar" decoder: sum_k W[rows, k] x[k] over words w0 .. w0 + 4*NSB -> [R, NSB] float32.
@@ -55,14 +72,11 @@ def _swar_step(w_words, w_scales, rows, row_mask, x_row, w0, K_WORDS: tl.constex
     base = x_row + 8 * word
     if X_PER_ROW:
         base += 0 * rows[:, None, None]
-    part = (a << 16).to(tl.float32, bitcast=True) * (tl.load(base + 0, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
-    part += (a & 0xFFFF0000).to(tl.float32, bitcast=True) * (tl.load(base + 4, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
-    part += (b << 16).to(tl.float32, bitcast=True) * (tl.load(base + 1, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
-    part += (b & 0xFFFF0000).to(tl.float32, bitcast=True) * (tl.load(base + 5, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
-    part += (c << 16).to(tl.float32, bitcast=True) * (tl.load(base + 2, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
-    part += (c & 0xFFFF0000).to(tl.float32, bitcast=True) * (tl.load(base + 6, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
-    part += (d << 16).to(tl.float32, bitcast=True) * (tl.load(base + 3, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
-    part += (d & 0xFFFF0000).to(tl.float32, bitcast=True) * (tl.load(base + 7, mask=in_k, other=0.0).to(tl.float32) * 1.8446744073709552e19)
+    # Word pair (lo, hi) of a holds codes (0, 4) of the word, b (1, 5), c (2, 6), d (3, 7).
+    part = _lo(a) * _x_scaled(base, 0, in_k) + _hi(a) * _x_scaled(base, 4, in_k)
+    part += _lo(b) * _x_scaled(base, 1, in_k) + _hi(b) * _x_scaled(base, 5, in_k)
+    part += _lo(c) * _x_scaled(base, 2, in_k) + _hi(c) * _x_scaled(base, 6, in_k)
+    part += _lo(d) * _x_scaled(base, 3, in_k) + _hi(d) * _x_scaled(base, 7, in_k)
     scol = w0 // 4 + sb[None, :]
     scale = tl.load(w_scales + rows[:, None] * (K_WORDS // 4) + scol, mask=row_mask[:, None] & (scol < K_WORDS // 4),
                     other=0).to(tl.int32)
