@@ -81,9 +81,9 @@ def _answer_once(session, question: str, json_output: bool) -> int:
     if json_output:
         renderer = JsonRenderer()
     elif sys.stdout.isatty():
-        from rich.console import Console
+        from kubrick.chat.render import terminal_console
 
-        renderer = LiveRenderer(Console(), show_reasoning=not session.settings.hide_reasoning)
+        renderer = LiveRenderer(terminal_console(), show_reasoning=not session.settings.hide_reasoning)
     else:
         renderer = PlainRenderer()
     result = session.ask(question, renderer)

@@ -55,6 +55,14 @@ def quiet_terminal():
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
+def terminal_console() -> Console:
+    """A rich Console for the terminal, sized by the terminal itself: inherited COLUMNS/LINES variables
+    (which rich would otherwise trust) are often stale and would make the live area taller than the screen."""
+    import os
+
+    return Console(_environ={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")})
+
+
 class Renderer(Protocol):
     def reasoning(self, text: str) -> None: ...
     def answer(self, text: str) -> None: ...

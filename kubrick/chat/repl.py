@@ -12,11 +12,10 @@ from prompt_toolkit.filters import is_searching
 from prompt_toolkit.formatted_text import HTML
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
-from rich.console import Console
 
 from kubrick import __version__
 from kubrick.chat.commands import EXIT, SlashCommands, SlashCompleter
-from kubrick.chat.render import LiveRenderer
+from kubrick.chat.render import LiveRenderer, terminal_console
 from kubrick.chat.session import ChatSession, TurnResult
 from kubrick.config import kubrick_home
 
@@ -43,7 +42,7 @@ def _key_bindings(state: dict) -> KeyBindings:
 
 
 def run_repl(session: ChatSession) -> int:
-    console = Console()
+    console = terminal_console()
     home = kubrick_home()
     home.mkdir(parents=True, exist_ok=True)
     state = {"empty_interrupt": False}

@@ -142,3 +142,23 @@ def test_unknown_model_at_start_lists_the_models_and_exits(server, tmp_path):
         assert k.exit_status() == 1
         screen = k.screen()
         assert "no model named 'gpt-9'" in screen and "llm_decoupled, slow" in screen
+
+
+def test_long_reply_in_a_script_rich_measures_differently_leaves_no_stale_lines(tmp_path):
+    # Devanagari vowel signs: rich counts them 0 columns wide, the terminal 1, so lines are wider than rich thinks
+    words = [f"कामा{i:03d}" for i in range(400)]
+
+    def hindi(body):
+        return chat_reply(" ".join(words), reasoning=" ".join(w.replace("कामा", "सोचा") for w in words),
+                          pieces=200, pause=0.005)
+
+    with ScriptedTriton({"llm_decoupled": hindi}) as server, \
+            KubrickInTmux(server.url, tmp_path / "home", width=60, height=15) as k:
+        k.wait_for("›")
+        k.type("नमस्ते")
+        k.keys("Enter")
+        k.wait_for("tokens", after="नमस्ते", timeout=60)
+        screen = k.screen()
+    for word in words[::7]:
+        assert screen.count(word) <= 1, f"{word} drawn {screen.count(word)} times:\n{screen}"
+        assert screen.count(word.replace("कामा", "सोचा")) <= 1
