@@ -79,6 +79,25 @@ def _from_pytriton_wheel() -> TritonInstall | None:
     )
 
 
+def check_stub_numpy(install: TritonInstall) -> None:
+    """Refuse a setup where every request would fail: the wheel's Python backend stub (Triton 2.51) reads string
+    tensors wrongly under numpy 2 (each request then kills the stub: "unpack_from requires a buffer …")."""
+    if install.source != "nvidia-pytriton wheel":
+        return
+    try:
+        from importlib.metadata import version
+
+        numpy_version = version("numpy")
+    except Exception:  # no numpy: the model's own import will say so
+        return
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise KubrickError(
+            f"this environment has numpy {numpy_version}, but the Python backend of the Triton server in the "
+            "nvidia-pytriton wheel needs numpy 1.x (with numpy 2 every request fails); "
+            "run: pip install 'numpy<2'"
+        )
+
+
 def prepare_backend_dir(install: TritonInstall, into: Path) -> Path:
     """A --backend-directory for tritonserver: the Python backend plus the stub for the running Python."""
     python = into / "python"

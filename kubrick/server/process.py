@@ -20,7 +20,7 @@ from typing import Callable
 import httpx
 
 from kubrick.errors import KubrickError
-from kubrick.server.install import TritonInstall, find_triton, prepare_backend_dir, server_env
+from kubrick.server.install import TritonInstall, check_stub_numpy, find_triton, prepare_backend_dir, server_env
 
 MODEL_NAME = "llm_decoupled"
 # Log lines a CPU-only machine always shows; they never explain a failure.
@@ -40,6 +40,7 @@ class ServerConfig:
     model_config_name: str | None = None  # e.g. "gpu": llm_decoupled/configs/gpu.pbtxt
     env: dict[str, str] = field(default_factory=dict)  # extra environment (TRITON_CHECKPOINT …)
     log_verbose: int = 0
+    extra_args: tuple[str, ...] = ()  # more tritonserver options, verbatim
 
 
 class ServerFailed(KubrickError):
@@ -87,9 +88,10 @@ class TritonServer:
         ]
         if c.model_config_name:
             cmd.append(f"--model-config-name={c.model_config_name}")
-        return cmd
+        return cmd + list(c.extra_args)
 
     def start(self) -> None:
+        check_stub_numpy(self.install)
         backend_dir = prepare_backend_dir(self.install, self.workdir / "backends")
         env = server_env(self.install)
         env.update(self.config.env)

@@ -220,3 +220,19 @@ def test_serve_that_fails_to_start_shows_the_log_lines_and_exits_non_zero(clean_
     assert "kubrick: error: tritonserver exited" in stderr
     assert "llm_decoupled" in stderr  # Triton's own line about the model that failed to load
     assert "full log:" in stderr and "Traceback (most recent call last)" not in stderr.split("\n", 1)[0]
+
+
+def test_numpy_2_is_refused_with_the_fix(monkeypatch):
+    import importlib.metadata
+
+    from kubrick.server.install import check_stub_numpy
+
+    install = find_triton()
+    if install.source != "nvidia-pytriton wheel":
+        pytest.skip("the check is for the wheel's Triton 2.51 Python backend")
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.1.0" if name == "numpy" else real_version(name))
+    with pytest.raises(KubrickError, match=r"pip install 'numpy<2'"):
+        check_stub_numpy(install)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.26.4" if name == "numpy" else real_version(name))
+    check_stub_numpy(install)
