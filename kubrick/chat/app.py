@@ -83,7 +83,8 @@ def _answer_once(session, question: str, json_output: bool) -> int:
     elif sys.stdout.isatty():
         from kubrick.chat.render import terminal_console
 
-        renderer = LiveRenderer(terminal_console(), show_reasoning=not session.settings.hide_reasoning)
+        renderer = LiveRenderer(terminal_console(), show_reasoning=not session.settings.hide_reasoning,
+                                show_errors=False)
     else:
         renderer = PlainRenderer()
     result = session.ask(question, renderer)

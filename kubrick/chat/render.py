@@ -142,9 +142,11 @@ class _Bottom:
 class LiveRenderer:
     """Rich output for a terminal: dimmed reasoning, then the answer as live Markdown with highlighted code."""
 
-    def __init__(self, console: Console, show_reasoning: bool = True, max_fps: float = 10.0):
+    def __init__(self, console: Console, show_reasoning: bool = True, max_fps: float = 10.0,
+                 show_errors: bool = True):
         self.console = console
         self.show_reasoning = show_reasoning
+        self.show_errors = show_errors  # off when the caller reports errors itself (kubrick -p: one line on stderr)
         self.min_interval = 1.0 / max_fps
         self._reasoning = MarkdownBlocks()
         self._answer = MarkdownBlocks()
@@ -232,7 +234,8 @@ class LiveRenderer:
             self.console.print(Markdown(rest, code_theme=CODE_THEME))
 
     def error(self, message: str) -> None:
-        self.console.print(Text(message, style="bold red"))
+        if self.show_errors:
+            self.console.print(Text(message, style="bold red"))
 
 
 class PlainRenderer:

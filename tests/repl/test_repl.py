@@ -162,3 +162,16 @@ def test_long_reply_in_a_script_rich_measures_differently_leaves_no_stale_lines(
     for word in words[::7]:
         assert screen.count(word) <= 1, f"{word} drawn {screen.count(word)} times:\n{screen}"
         assert screen.count(word.replace("कामा", "सोचा")) <= 1
+
+
+def test_one_answer_in_a_terminal_is_rendered_and_an_error_is_said_once(tmp_path):
+    def failing(body):
+        return [sse({"type": "chunk", "content": "**Partial** answer"}), sse({"error": "engine exploded"}, wrap=False)]
+
+    with ScriptedTriton({"llm_decoupled": failing}) as server, \
+            KubrickInTmux(server.url, tmp_path / "home", args=("-p", "hi")) as k:
+        assert k.exit_status() == 1
+        screen = k.screen()
+    assert "Partial answer" in screen and "**" not in screen  # Markdown rendered on a terminal
+    assert screen.count("engine exploded") == 1
+    assert "kubrick: error: the server reported an error: engine exploded" in screen
