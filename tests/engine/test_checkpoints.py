@@ -164,3 +164,14 @@ def test_hf_config_json_reads_like_the_original(tiny_hf):
     hf = json.loads((tiny_hf / "config.json").read_text())
     assert ModelConfig.from_json(hf) == PRESETS["tiny"]
     assert ModelConfig.from_json(PRESETS["20b"].to_hf_json()) == PRESETS["20b"]
+
+
+def test_gpt_oss_20b_holds_about_13_gb_of_weights_with_packed_experts():
+    import math
+
+    from kubrick.engine.checkpoint import original_tensors
+
+    spec = original_tensors(PRESETS["20b"])
+    nbytes = sum(math.prod(shape) * (1 if kind == "uint8" else 2) for shape, kind in spec.values())
+    assert 13.0e9 < nbytes < 14.0e9  # 40 GB if the experts were bf16
+    assert len(spec) == 3 + 24 * 15
