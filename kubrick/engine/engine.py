@@ -7,6 +7,7 @@ it shares with it (see `_prefill`).
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -30,11 +31,16 @@ from kubrick.engine.api import (
     parse_params,
 )
 from kubrick.engine.checkpoint import load_checkpoint
-from kubrick.engine.model import Transformer
 from kubrick.engine.sampler import Sampler
 from kubrick.engine.stop import StopStrings
 
 DEFAULT_CONTEXT_LENGTH = 8192
+# The model implementations an engine can run: the readable reference (the oracle), or the same model on
+# Kubrick's Triton kernels (kernels issue). Both take (config, weights) and share forward(tokens, cache).
+IMPLEMENTATIONS = {
+    "reference": ("kubrick.engine.model", "Transformer"),
+    "triton": ("kubrick.engine.fast_model", "FastTransformer"),
+}
 PREFILL_CHUNK = 512  # tokens per prefill step: 20b's scores stay near 1 GB even at an 8192-token context
 
 
@@ -46,7 +52,18 @@ def _validated(params: SamplingParams) -> SamplingParams:
 
 
 class Engine:
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", context_length: int = DEFAULT_CONTEXT_LENGTH):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        implementation: str | None = None,
+    ):
+        implementation = implementation or os.environ.get("KUBRICK_ENGINE_IMPL") or "reference"
+        if implementation not in IMPLEMENTATIONS:
+            raise EngineError(
+                f"unknown engine implementation {implementation!r} (KUBRICK_ENGINE_IMPL); use {' or '.join(IMPLEMENTATIONS)}"
+            )
         if context_length < 2:
             raise EngineError(f"context length must be at least 2 tokens, not {context_length}")
         try:
@@ -59,14 +76,16 @@ class Engine:
         self.checkpoint = Path(checkpoint)
         self.device = str(self.torch_device)
         self.context_length = context_length
-        self.version = f"{__version__}-reference"
+        self.implementation = implementation
+        self.version = f"{__version__}-{implementation}"
         self.config, weights = load_checkpoint(self.checkpoint, self.torch_device)
         if self.config.vocab_size < harmony.VOCAB_SIZE:
             raise EngineError(
                 f"checkpoint {self.checkpoint} has a vocabulary of {self.config.vocab_size} tokens; gpt-oss's "
                 f"Harmony format needs {harmony.VOCAB_SIZE}"
             )
-        self.model = Transformer(self.config, weights)
+        module, name = IMPLEMENTATIONS[implementation]
+        self.model = getattr(importlib.import_module(module), name)(self.config, weights)
         self.cache = self.model.new_cache(context_length)
         self.cached_tokens: list[int] = []  # the tokens whose keys/values the cache holds
         self.prefill_chunk = PREFILL_CHUNK

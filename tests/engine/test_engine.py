@@ -225,3 +225,12 @@ def test_a_checkpoint_too_small_for_harmony_tokens_is_refused(tmp_path):
     folder = make_checkpoint(tmp_path / "ck", config_file=config)
     with pytest.raises(EngineError, match="has a vocabulary of 1000 tokens; gpt-oss's Harmony format needs 201088"):
         Engine(folder)
+
+
+def test_the_implementation_comes_from_the_argument_or_kubrick_engine_impl(tiny_original, monkeypatch):
+    monkeypatch.delenv("KUBRICK_ENGINE_IMPL", raising=False)
+    assert Engine(tiny_original, context_length=128).version.endswith("-reference")
+    monkeypatch.setenv("KUBRICK_ENGINE_IMPL", "turbo")
+    with pytest.raises(EngineError, match="unknown engine implementation 'turbo' \\(KUBRICK_ENGINE_IMPL\\); use reference or triton"):
+        Engine(tiny_original, context_length=128)
+    assert Engine(tiny_original, context_length=128, implementation="reference").implementation == "reference"
