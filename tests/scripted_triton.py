@@ -12,6 +12,7 @@ import json
 import select
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
@@ -157,8 +158,13 @@ def _handler_for(owner: ScriptedTriton) -> type[BaseHTTPRequestHandler]:
                         self.connection.shutdown(socket.SHUT_RDWR)
                         self.close_connection = True
                         return
-                    if isinstance(frame, (int, float)):
-                        threading.Event().wait(frame)
+                    if isinstance(frame, (int, float)):  # pause, noticing a client that leaves meanwhile
+                        until = time.monotonic() + frame
+                        while time.monotonic() < until:
+                            if _peer_closed(self.connection):
+                                owner.disconnected.set()
+                                return
+                            time.sleep(min(0.02, max(0.0, until - time.monotonic())))
                         continue
                     if not frame:  # an empty chunk would end the HTTP body
                         continue

@@ -64,6 +64,7 @@ def terminal_console() -> Console:
 
 
 class Renderer(Protocol):
+    def start(self) -> None: ...
     def reasoning(self, text: str) -> None: ...
     def answer(self, text: str) -> None: ...
     def finish(self, usage: dict[str, Any] | None = None, finish_reason: str = "") -> None: ...
@@ -172,6 +173,10 @@ class LiveRenderer:
             self.console.file.write("\x1b[?7h" if on else "\x1b[?7l")
             self.console.file.flush()
 
+    def start(self) -> None:
+        """Until the first token: a dim line saying we wait (prefill of a long conversation takes a while)."""
+        self._ensure_live().update(Text("waiting for the model…", style="dim italic"), refresh=True)
+
     def reasoning(self, text: str) -> None:
         if not self.show_reasoning or self._in_answer:
             return
@@ -245,6 +250,9 @@ class PlainRenderer:
         self.out = out or sys.stdout
         self._last = "\n"
 
+    def start(self) -> None:
+        pass
+
     def reasoning(self, text: str) -> None:
         pass
 
@@ -267,6 +275,9 @@ class JsonRenderer:
 
     def __init__(self, out: TextIO | None = None):
         self.out = out or sys.stdout
+
+    def start(self) -> None:
+        pass
 
     def _emit(self, event: dict[str, Any]) -> None:
         self.out.write(json.dumps(event, ensure_ascii=False) + "\n")

@@ -136,6 +136,8 @@ class ChatSession:
         answer: list[str] = []  # joined once at the end: a long reply is not copied per token
         reasoning: list[str] = []
         try:
+            with guard.drawing():
+                renderer.start()
             for event in stream:
                 if isinstance(event, (Chunk, Reasoning)) and result.time_to_first_token_s is None:
                     result.time_to_first_token_s = time.monotonic() - started

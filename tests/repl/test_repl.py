@@ -175,3 +175,20 @@ def test_one_answer_in_a_terminal_is_rendered_and_an_error_is_said_once(tmp_path
     assert "Partial answer" in screen and "**" not in screen  # Markdown rendered on a terminal
     assert screen.count("engine exploded") == 1
     assert "kubrick: error: the server reported an error: engine exploded" in screen
+
+
+def test_waiting_for_the_first_token_is_shown_and_ctrl_c_there_stops_cleanly(tmp_path):
+    def slow_start(body):
+        return [30.0] + chat_reply("never seen")  # a long prefill
+
+    with ScriptedTriton({"llm_decoupled": slow_start}) as server, KubrickInTmux(server.url, tmp_path / "home") as k:
+        k.wait_for("›")
+        k.type("long prompt")
+        k.keys("Enter")
+        k.wait_for("waiting for the model", after="long prompt")
+        k.keys("C-c")
+        screen = k.wait_for("stopped", after="long prompt")
+        assert "waiting for the model" not in screen.split("long prompt")[-1]
+        assert server.disconnected.wait(timeout=10)
+        k.keys("C-d")
+        assert k.exit_status() == 0
