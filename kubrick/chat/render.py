@@ -153,7 +153,7 @@ class LiveRenderer:
         self._answer = MarkdownBlocks()
         self._in_answer = False
         self._next_refresh = 0.0
-        self._render_cost = 0.0
+        self._thinking_shown = False
         self._live: Live | None = None
         self.renders = 0  # live refreshes, for the benchmark
 
@@ -178,7 +178,12 @@ class LiveRenderer:
         self._ensure_live().update(Text("waiting for the model…", style="dim italic"), refresh=True)
 
     def reasoning(self, text: str) -> None:
-        if not self.show_reasoning or self._in_answer:
+        if self._in_answer:
+            return
+        if not self.show_reasoning:
+            if not self._thinking_shown:  # say that something is happening, once
+                self._thinking_shown = True
+                self._ensure_live().update(Text("thinking…", style="dim italic"), refresh=True)
             return
         self._reasoning.feed(screen_safe(text))
         self._update()
@@ -200,9 +205,10 @@ class LiveRenderer:
                 self.console.print()
         else:
             done = self._reasoning.take_finished()
-            if done.strip():
+            if done.strip():  # whole paragraphs, each followed by its blank line
                 self._ensure_live()
                 self.console.print(Text(done.rstrip("\n"), style="dim"))
+                self.console.print()
 
     def _update(self) -> None:
         now = time.monotonic()
