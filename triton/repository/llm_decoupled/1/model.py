@@ -162,6 +162,9 @@ class TritonPythonModel:
             except InvalidRequest as err:
                 self.outbox.put((pending, err))
                 continue
+            except Exception as err:  # never let one odd request fail the others in this batch
+                self.outbox.put((pending, EngineError(f"the server could not read this request ({err})")))
+                continue
             pending.handle = self.scheduler.submit(
                 messages, params, on_event=lambda outcome, p=pending: self.outbox.put((p, outcome))
             )
