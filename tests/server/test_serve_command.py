@@ -120,6 +120,20 @@ def test_cpu_and_gpu_model_configs_differ_only_in_instance_group():
     assert not re.search(r'name:\s*"parameters"', (model / "config.pbtxt").read_text())
 
 
+def test_host_binds_all_three_endpoints_and_the_url_stays_reachable():
+    from kubrick.server.process import ServerConfig, TritonServer
+
+    for host, url_host in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1")):
+        server = TritonServer(ServerConfig(model_repository=shipped_model_repository(), host=host, http_port=9000))
+        try:
+            command = server.command(Path("/backends"))
+            for endpoint in ("http", "grpc", "metrics"):
+                assert f"--{endpoint}-address={host}" in command
+            assert server.url == f"http://{url_host}:9000"
+        finally:
+            server.stop()
+
+
 def test_a_taken_port_is_reported_with_the_flag_to_change():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
