@@ -26,19 +26,19 @@ app = typer.Typer(
 @app.callback()
 def chat(
     ctx: typer.Context,
-    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Ask one question, print the answer and exit."),
-    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Server URL: localhost:8000, http://… or https://… \\[env TRITON_URL; default http://localhost:8000]"),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model to chat with \\[env TRITON_MODEL_NAME; default llm_decoupled]"),
-    system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt for this chat."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature (0 = greedy)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in one reply."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed: the same seed gives the same reply."),
-    reasoning_effort: Optional[str] = typer.Option(None, "--reasoning", "-r", help="Reasoning effort: low, medium or high."),
-    hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="Do not show the model's reasoning."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON event per line (non-interactive)."),
-    load: Optional[str] = typer.Option(None, "--load", help="Continue a saved conversation (id, name or path)."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", metavar="QUESTION", help="Ask one question, print the answer and exit."),
+    triton_url: Optional[str] = typer.Option(None, "--triton-url", metavar="URL", help="Server URL: localhost:8000, http://… or https://… \\[env TRITON_URL; default http://localhost:8000]"),
+    model_name: Optional[str] = typer.Option(None, "--model-name", metavar="NAME", help="Model to chat with \\[env TRITON_MODEL_NAME; default llm_decoupled]"),
+    system: Optional[str] = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt for this chat."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", metavar="X", help="Sampling temperature (0 = greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", metavar="P", help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", metavar="N", help="Most tokens in one reply."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Sampling seed: the same seed gives the same reply."),
+    reasoning_effort: Optional[str] = typer.Option(None, "--reasoning", "-r", metavar="low|medium|high", help="Reasoning effort: low, medium or high."),
+    hide_reasoning: bool = typer.Option(False, "--hide-reasoning", metavar="", help="Do not show the model's reasoning."),
+    json_output: bool = typer.Option(False, "--json", metavar="", help="Print one JSON event per line (non-interactive)."),
+    load: Optional[str] = typer.Option(None, "--load", metavar="ID", help="Continue a saved conversation (id, name or path)."),
+    version: bool = typer.Option(False, "--version", metavar="", help="Print the version and exit."),
 ) -> None:
     """Chat with the model (the default command)."""
     if version:
@@ -69,8 +69,8 @@ def chat(
 
 @app.command("config")
 def config_command(
-    triton_url: Optional[str] = typer.Option(None, "--triton-url", help="Show the effective values as if this flag were given."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Show the effective values as if this flag were given."),
+    triton_url: Optional[str] = typer.Option(None, "--triton-url", metavar="URL", help="Show the effective values as if this flag were given."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", metavar="NAME", help="Show the effective values as if this flag were given."),
 ) -> None:
     """Show the effective settings and where each one came from."""
     from kubrick.config import show_config
@@ -80,14 +80,14 @@ def config_command(
 
 @app.command("serve")
 def serve_command(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="gpt-oss checkpoint folder [env TRITON_CHECKPOINT]; default: the embedded default model."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda:0, cpu … [env TRITON_DEVICE; default cuda:0 when a GPU is there, else cpu]"),
-    context_length: Optional[int] = typer.Option(None, "--context-length", help="Longest conversation in tokens [env TRITON_CONTEXT_LENGTH; default 8192]"),
-    http_port: int = typer.Option(8000, "--http-port", help="HTTP port (generate_stream, health)."),
-    grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port."),
-    metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to the network."),
-    model_repository: Optional[Path] = typer.Option(None, "--model-repository", help="Triton model repository; default: the one shipped with kubrick."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="PATH", help="gpt-oss checkpoint folder \\[env TRITON_CHECKPOINT; default ./models/gpt-oss-20b if it holds one, else the embedded random model]"),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="Where the engine runs: cpu, cuda or cuda:N \\[env TRITON_DEVICE; default cuda:0 when a GPU is there, else cpu]"),
+    context_length: Optional[int] = typer.Option(None, "--context-length", metavar="N", help="Longest conversation in tokens \\[env TRITON_CONTEXT_LENGTH; default 8192]"),
+    http_port: int = typer.Option(8000, "--http-port", metavar="PORT", help="HTTP port (generate_stream, health)."),
+    grpc_port: int = typer.Option(8001, "--grpc-port", metavar="PORT", help="gRPC port."),
+    metrics_port: int = typer.Option(8002, "--metrics-port", metavar="PORT", help="Prometheus metrics port."),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to bind; 0.0.0.0 exposes the server to the network."),
+    model_repository: Optional[Path] = typer.Option(None, "--model-repository", metavar="PATH", help="Triton model repository; default: the one shipped with kubrick."),
 ) -> None:
     """Start a real Triton Inference Server serving gpt-oss (Ctrl-C stops it)."""
     from kubrick.server.serve import ServeOptions, serve
@@ -110,11 +110,11 @@ def serve_command(
 
 @app.command("make-checkpoint")
 def make_checkpoint_command(
-    out: Path = typer.Argument(..., help="Folder to write the checkpoint into (created; must be empty or absent)."),
-    layout: str = typer.Option("original", "--layout", help="original (gpt-oss's own files) or hf (Hugging Face)."),
-    preset: str = typer.Option("tiny", "--preset", help="tiny, 20b or 120b."),
-    config: Optional[Path] = typer.Option(None, "--config", help="A JSON model config to use instead of a preset."),
-    seed: int = typer.Option(0, "--seed", help="Random seed for the weights."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to write the checkpoint into (created; must be empty or absent)."),
+    layout: str = typer.Option("original", "--layout", metavar="original|hf", help="original (gpt-oss's own files) or hf (Hugging Face)."),
+    preset: str = typer.Option("tiny", "--preset", metavar="tiny|20b|120b", help="tiny, 20b or 120b."),
+    config: Optional[Path] = typer.Option(None, "--config", metavar="FILE", help="A JSON model config to use instead of a preset."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Random seed for the weights."),
 ) -> None:
     """Write a random gpt-oss checkpoint (valid MXFP4 experts) for tests, demos and benchmarks."""
     from kubrick.engine.make_checkpoint import make_checkpoint
@@ -137,13 +137,37 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as err:  # click usage errors and friends
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
+    except Exception as err:  # a bad flag or value: one line, like our own errors
+        if isinstance(err, _usage_error_classes()):
+            typer.echo(f"kubrick: error: {_usage_error_text(err)}", err=True)
             sys.exit(err.exit_code)
         raise
+
+
+def _usage_error_classes() -> tuple[type, ...]:
+    """Click's usage-error base: typer >= 0.25 vendors click (typer._click), older typer uses click itself."""
+    classes: list[type] = []
+    try:
+        from typer._click.exceptions import ClickException as vendored
+
+        classes.append(vendored)
+    except ImportError:
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        classes.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def _usage_error_text(err: Exception) -> str:
+    """Click's message on one line, with where to look for the right usage."""
+    message = " ".join(err.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "kubrick"
+    return f"{message} (see `{command} --help`)"
 
 
 if __name__ == "__main__":

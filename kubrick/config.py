@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from kubrick.errors import KubrickError
 
@@ -38,6 +39,13 @@ def normalize_url(value: str) -> str:
     if scheme not in ("http", "https"):
         raise ValueError(f"use http:// or https://, not {scheme}://")
     if not url.split("://", 1)[1].strip("/"):
+        raise ValueError("the URL names no host")
+    try:  # a bad port or bracket would otherwise surface later as a traceback from httpx
+        parts = urlsplit(url)
+        parts.port
+    except ValueError:
+        raise ValueError(f"{value.strip()!r} is not a valid URL; expected host:port, http://host:port or https://host:port") from None
+    if not parts.hostname:
         raise ValueError("the URL names no host")
     return url.rstrip("/")
 

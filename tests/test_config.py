@@ -110,3 +110,12 @@ def test_kubrick_with_malformed_config_exits_nonzero_with_one_line(kubrick_home)
     assert result.stderr.count("\n") == 1 and str(path) in result.stderr and "line 1 column 3" in result.stderr
     assert "Traceback" not in result.stderr
     assert path.read_text() == "{ nope"
+
+
+@pytest.mark.parametrize("url", ["localhost:notaport", "http://[::1", "localhost:99999", "http://:8000"])
+def test_unusable_url_is_one_line_before_any_connection(kubrick_home, url):
+    result = run_kubrick("--triton-url", url, "-p", "hi")
+    assert result.returncode == 1
+    assert result.stderr.startswith("kubrick: error: flag --triton-url: bad triton_url:")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""

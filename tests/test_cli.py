@@ -1,0 +1,49 @@
+"""The `kubrick` program's own surface: help texts that say everything, and bad flags answered in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_kubrick(*args):
+    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
+    return subprocess.run([sys.executable, "-m", "kubrick.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def test_serve_help_shows_the_environment_variables_and_defaults():
+    # rich reads "[env …]" as markup and silently drops it unless escaped
+    text = run_kubrick("serve", "--help").stdout
+    for hint in ("[env TRITON_CHECKPOINT;", "[env TRITON_DEVICE;", "[env TRITON_CONTEXT_LENGTH; default 8192]"):
+        assert hint in text
+
+
+def test_chat_help_shows_the_environment_variables_and_value_names():
+    text = run_kubrick("--help").stdout
+    assert "[env TRITON_URL; default http://localhost:8000]" in text
+    assert "[env TRITON_MODEL_NAME; default llm_decoupled]" in text
+    assert "low|medium|high" in text
+    # a flag takes no value, so the help must not suggest one
+    assert "<bool>" not in text.split("--help")[0]
+
+
+def test_make_checkpoint_help_names_the_choices():
+    text = run_kubrick("make-checkpoint", "--help").stdout
+    assert "original|hf" in text and "tiny|20b|120b" in text and "OUT" in text
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--temperature", "abc", "-p", "hi"], "'--temperature'"),
+    (["--no-such-flag"], "No such option: --no-such-flag"),
+    (["serve", "--http-port", "eighty"], "'--http-port'"),
+    (["make-checkpoint"], "Missing argument 'OUT'"),
+])
+def test_bad_flags_get_one_line_and_no_traceback(args, expected):
+    result = run_kubrick(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("kubrick: error: ") and expected in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
