@@ -28,23 +28,41 @@ class TurnResult:
     usage: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = ""  # from the server: stop | length
     error: KubrickError | None = None
-    time_to_first_token_s: float | None = None
+    time_to_first_token_s: float | None = None  # as the person saw it: until the first text arrived
     duration_s: float = 0.0
-    chunks: int = 0
+    pieces: int = 0  # streamed text events (answer and reasoning)
+    first_piece_s: float | None = None
+    last_piece_s: float | None = None
 
     @property
     def tokens(self) -> int:
         """Completion tokens as the server counted them, else the number of streamed pieces."""
-        return int(self.usage.get("completion_tokens") or self.chunks)
+        return int(self.usage.get("completion_tokens") or self.pieces)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """The server's own generation rate when it reported one; else streamed pieces over the time they took.
+
+        Never the server's token count over the client's streaming time: a server may hold text back (the
+        engine does until it knows the channel) and send many tokens in one burst, which would read as
+        thousands of tokens a second.
+        """
+        rate = self.usage.get("tokens_per_s")
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+            return float(rate)
+        if self.pieces > 1 and self.first_piece_s is not None and self.last_piece_s is not None:
+            span = self.last_piece_s - self.first_piece_s
+            if span > 0:
+                return (self.pieces - 1) / span
+        return None
 
     def footer(self) -> str:
-        """tokens · time to first token · tokens/s, as the person saw them."""
-        parts = [f"{self.tokens} tokens"]
+        """tokens · time to first token · tokens/s."""
+        parts = [f"{self.tokens} token" + ("" if self.tokens == 1 else "s")]
         if self.time_to_first_token_s is not None:
             parts.append(f"first token {self.time_to_first_token_s:.2f} s")
-            streaming = self.duration_s - self.time_to_first_token_s
-            if streaming > 0 and self.tokens > 1:
-                parts.append(f"{(self.tokens - 1) / streaming:.1f} tok/s")
+        if self.tokens_per_s is not None and self.tokens > 1:
+            parts.append(f"{self.tokens_per_s:.1f} tok/s")
         if self.status != "complete":
             parts.append({"cancelled": "stopped", "cut_off": "cut off", "error": "failed"}[self.status])
         elif self.finish_reason == "length":
@@ -139,11 +157,13 @@ class ChatSession:
             with guard.drawing():
                 renderer.start()
             for event in stream:
-                if isinstance(event, (Chunk, Reasoning)) and result.time_to_first_token_s is None:
-                    result.time_to_first_token_s = time.monotonic() - started
+                if isinstance(event, (Chunk, Reasoning)):
+                    result.last_piece_s = time.monotonic() - started
+                    result.pieces += 1
+                    if result.time_to_first_token_s is None:
+                        result.time_to_first_token_s = result.first_piece_s = result.last_piece_s
                 if isinstance(event, Chunk):
                     answer.append(event.text)
-                    result.chunks += 1
                     with guard.drawing():
                         renderer.answer(event.text)
                 elif isinstance(event, Reasoning):
