@@ -25,6 +25,8 @@ from kubrick.server.install import TritonInstall, check_stub_numpy, find_triton,
 MODEL_NAME = "llm_decoupled"
 # Log lines a CPU-only machine always shows; they never explain a failure.
 _HARMLESS = ("CudaDriverHelper", "pinned memory", "NVML", "DCGM", "CUDA memory pool")
+# Engine errors meant for people (kubrick/engine: CheckpointError, ConfigError, VocabularyMissing, EngineError).
+_EXPECTED_MODEL_ERROR = re.compile(r"\b(CheckpointError|ConfigError|VocabularyMissing|EngineError|KubrickError): (.+)")
 _LOG_PREFIX = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ")  # I1122 20:05:15.643979 8762 server.cc:241]
 
 
@@ -173,6 +175,12 @@ class TritonServer:
         if not out:
             out = self.log_text().splitlines()[-lines:]
         return "\n".join("  " + line for line in out[:lines]) or "  (the log is empty)"
+
+    def model_error(self) -> str | None:
+        """The model's own message when it failed on something a person can fix (a broken checkpoint, a missing
+        vocabulary, a bad config): those errors are worded for people, so their traceback is left out."""
+        found = _EXPECTED_MODEL_ERROR.search(self.log_text().replace("\\n", "\n"))
+        return found.group(2).strip().strip('"').strip() if found else None
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

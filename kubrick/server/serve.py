@@ -57,10 +57,23 @@ def resolve_device(flag: str | None) -> str:
             device = "cuda:0"
         if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise KubrickError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+        if device != "cpu":
+            _check_gpu_visible(device)
         return device
     import torch  # only here: the server side has torch, the chat does not need it
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _check_gpu_visible(device: str) -> None:
+    """Refuse a GPU torch cannot see here, before starting Triton (whose own refusal is buried in its log)."""
+    import torch
+
+    index = int(device.split(":", 1)[1])
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        seen = f"torch sees {count} GPU{'s' if count != 1 else ''}" if count else "torch sees no CUDA GPU here"
+        raise KubrickError(f"cannot serve on {device}: {seen}; use --device cpu" + (f" or cuda:0…cuda:{count - 1}" if count else ""))
 
 
 def device_settings(device: str) -> tuple[str | None, dict[str, str]]:
@@ -81,6 +94,9 @@ def device_settings(device: str) -> tuple[str | None, dict[str, str]]:
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
     """Fail early, with the flag to change, when a port is taken (Triton's own message is buried in its log)."""
+    for flag, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise KubrickError(f"{flag} {port} is not a port; use a number from 1 to 65535")
     if len(set(ports.values())) != len(ports):
         raise KubrickError(f"the HTTP, gRPC and metrics ports must differ ({', '.join(f'{k} {v}' for k, v in ports.items())})")
     for flag, port in ports.items():
@@ -115,6 +131,8 @@ def serve(options: ServeOptions) -> int:
     previous_int = signal.getsignal(signal.SIGINT)
     try:
         with console.status("preparing: finding tritonserver and the checkpoint …", spinner="dots") as status:
+            device = resolve_device(options.device)  # before the embedded default: a bad device fails at once
+            config_name, device_env = device_settings(device)
             checkpoint, source = resolve_checkpoint(options.checkpoint)
             random_model = checkpoint is None
             if random_model:
@@ -122,8 +140,6 @@ def serve(options: ServeOptions) -> int:
                 checkpoint, created = ensure_embedded_default()
                 if created:
                     console.print(f"created the embedded default model in {checkpoint}")
-            device = resolve_device(options.device)
-            config_name, device_env = device_settings(device)
             env = {"TRITON_CHECKPOINT": str(checkpoint), **device_env}
             env.pop("TRITON_MODEL", None)
             if options.context_length is not None:
@@ -168,6 +184,9 @@ def serve(options: ServeOptions) -> int:
     except ServerFailed as err:
         if server is not None:
             server.stop()
+            model_error = server.model_error()
+            if model_error:  # e.g. a broken checkpoint: its own one-line message says what to fix
+                raise KubrickError(f"the model could not load: {model_error} (full log: {server.log_path})") from None
         raise KubrickError(f"{err}\nfull log: {server.log_path if server else '-'}") from None
     except BaseException:
         if server is not None:

@@ -231,9 +231,26 @@ def test_serve_that_fails_to_start_shows_the_log_lines_and_exits_non_zero(clean_
     finally:
         serve.close()
     stderr = "".join(serve.stderr)
-    assert "kubrick: error: tritonserver exited" in stderr
-    assert "llm_decoupled" in stderr  # Triton's own line about the model that failed to load
-    assert "full log:" in stderr and "Traceback (most recent call last)" not in stderr.split("\n", 1)[0]
+    # A broken checkpoint is the person's to fix: the engine's own sentence, on one line, without a traceback
+    (error,) = [line for line in stderr.splitlines() if line.startswith("kubrick: error:")]
+    assert error.startswith("kubrick: error: the model could not load: ") and str(broken) in error
+    assert "full log:" in error
+    assert stderr.endswith(error + "\n") and ".py(" not in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("flag,port", [("--http-port", "99999"), ("--metrics-port", "0")])
+def test_a_port_out_of_range_is_one_line(clean_env, flag, port):
+    result = run_kubrick("serve", flag, port)
+    assert result.returncode == 1
+    assert result.stderr == f"kubrick: error: {flag} {port} is not a port; use a number from 1 to 65535\n"
+
+
+def test_a_gpu_torch_cannot_see_is_refused_before_starting(clean_env):
+    result = run_kubrick("serve", "--device", "cuda:99", "--http-port", str(free_port()),
+                         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr.startswith("kubrick: error: cannot serve on cuda:99: torch sees ")
+    assert result.stderr.count("\n") == 1 and "use --device cpu" in result.stderr
 
 
 def test_numpy_2_is_refused_with_the_fix(monkeypatch):
