@@ -115,19 +115,19 @@ class SlashCommands:
         key, _, value = arg.partition(" ")
         if not key:
             for name in SETTABLE:
-                self.say(f"{name} = {getattr(settings, name)}")
+                self.say(f"{name} = {_shown(getattr(settings, name))}")
             return
         if key not in SETTABLE:
             raise KubrickError(f"/set knows {', '.join(SETTABLE)}, not {key!r}")
         if not value.strip():
-            self.say(f"{key} = {getattr(settings, key)}")
+            self.say(f"{key} = {_shown(getattr(settings, key))}")
             return
         parse = next(s.parse for s in SETTINGS if s.key == key)
         try:
             setattr(settings, key, parse(value.strip()))
         except (TypeError, ValueError) as err:
             raise KubrickError(f"bad {key}: {err}") from None
-        self.say(f"{key} = {getattr(settings, key)}")
+        self.say(f"{key} = {_shown(getattr(settings, key))}")
 
     def do_model(self, arg: str) -> None:
         models = self.session.client.list_models()
@@ -183,13 +183,18 @@ class SlashCommands:
         tokens = sum(int(m.get("usage", {}).get("completion_tokens", 0)) for m in replies)
         prompt_tokens = max((int(m.get("usage", {}).get("prompt_tokens", 0)) for m in replies), default=0)
         self.say(f"server {s.triton_url} · model {s.model_name}")
-        self.say(f"temperature {s.temperature} · top_p {s.top_p} · max_tokens {s.max_tokens} · seed {s.seed} · "
+        self.say(f"temperature {s.temperature} · top_p {s.top_p} · max_tokens {s.max_tokens} · seed {_shown(s.seed)} · "
                  f"reasoning {s.reasoning_effort}")
         self.say(f"{len(session.conversation.messages)} messages · {tokens} tokens generated · "
                  f"last prompt {prompt_tokens} tokens")
         if session.last is not None:
             self.say(f"last reply: {session.last.footer()}")
         self.say(f"saved in {session.store.path_for(session.conversation)}")
+
+
+def _shown(value: object) -> str:
+    """A setting as a person types it: an unset seed is `none`, as /set accepts it."""
+    return "none" if value is None else str(value)
 
 
 class SlashCompleter(Completer):

@@ -157,3 +157,12 @@ def test_tab_completion_of_commands_and_their_choices(chat):
     assert completions(chat, "hello /") == []
     chat.ask("q")
     assert completions(chat, "/load ") == [chat.session.conversation.id]
+
+
+def test_an_unset_seed_reads_none_as_it_is_typed(chat):
+    _, said = chat.run("/set seed none")
+    assert said.strip() == "seed = none"
+    _, said = chat.run("/set")
+    assert "seed = none" in said and "None" not in said
+    _, stats = chat.run("/stats")
+    assert "seed none" in stats and "None" not in stats
