@@ -7,8 +7,12 @@ softmaxes run in fp32; attention and projection matmuls take bf16 operands and a
 experts, dequantised exactly from MXFP4, run entirely in fp32 (so how tokens are grouped cannot change their
 rounding); the residual stream is bf16, as in gpt-oss.
 
-One sequence at a time: `forward(tokens, cache)` runs the new tokens at positions cache.length … and
-appends their keys and values to the cache. Faster paths (kernels issue) plug in at two seams:
+One sequence: `forward(tokens, cache)` runs the new tokens at positions cache.length … and appends their
+keys and values to the cache. Many sequences (the scheduler's continuous batching): `forward_batch(segments,
+paged_cache)` runs each sequence's next tokens (a prefill chunk or one decode token) in one pass; the
+row-wise work (norms, projections, experts) runs over all their tokens together, attention runs per
+sequence over keys gathered through its block table. That path is batch-invariant: a token's numbers do not
+depend on which other sequences share its step (see `forward_batch`). Faster paths (kernels issue) plug in at two seams:
 `Attention.forward` and `MoE.expert_weights()` / `MoE.forward`.
 """
 
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from kubrick.engine import mxfp4
 from kubrick.engine.config import ModelConfig
 from kubrick.engine.kv_cache import KVCache
+from kubrick.engine.paged_cache import PagedKVCache, SequenceBlocks
 
 
 class RMSNorm(torch.nn.Module):
@@ -121,6 +126,45 @@ class Attention(torch.nn.Module):
         t = attention(q, keys, values, self.sinks, positions, k_positions, self.sliding_window)
         return x + F.linear(t, self.out_weight, self.out_bias)
 
+    def forward_paged(self, x: torch.Tensor, positions: torch.Tensor, segments: list, cache: PagedKVCache) -> torch.Tensor:
+        """Several sequences' new tokens, concatenated in `x`; each segment's keys and values go to its blocks.
+
+        Attention runs per sequence and per block-aligned chunk of its new tokens, over exactly the keys that
+        chunk sees, so a sequence gets the same numbers whether its prompt ran in one step or several and
+        whatever else ran beside it.
+        """
+        t = self.norm(x)
+        qkv = F.linear(t, self.qkv_weight, self.qkv_bias)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = torch.split(qkv, [q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(-1, self.heads, self.head_dim)
+        k = k.reshape(-1, self.kv_heads, self.head_dim)
+        v = v.reshape(-1, self.kv_heads, self.head_dim)
+        cos, sin = self.rope.cos_sin(positions)
+        q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
+        q = q.reshape(-1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        out, row = [], 0
+        for seq, tokens in segments:
+            start, n = seq.length, len(tokens)
+            cache.write(self.layer, seq, start, k[row : row + n], v[row : row + n])
+            for lo, hi in _block_chunks(start, start + n, cache.block_size):
+                first = max(0, lo - self.sliding_window + 1) if self.sliding_window else 0
+                keys, values = cache.gather(self.layer, seq, first, hi)
+                k_positions = torch.arange(first, hi, device=x.device)
+                rows = slice(row + lo - start, row + hi - start)
+                out.append(attention(q[rows], keys, values, self.sinks, positions[rows], k_positions, self.sliding_window))
+            row += n
+        return x + F.linear(torch.cat(out), self.out_weight, self.out_bias)
+
+
+def _block_chunks(start: int, end: int, size: int):
+    """(lo, hi) pieces of start … end that never cross a multiple of `size`."""
+    lo = start
+    while lo < end:
+        hi = min(end, (lo // size + 1) * size)
+        yield lo, hi
+        lo = hi
+
 
 def swiglu(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gpt-oss's clamped SwiGLU over interleaved columns: even = gate, odd = linear (with +1)."""
@@ -164,14 +208,24 @@ class MoE(torch.nn.Module):
             out = self.expert_by_expert(t, indices, weights)
         return x + out.to(x.dtype)
 
-    def expert_by_expert(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Many tokens (prefill): dequantise each chosen expert once and run all its tokens through it."""
+    def forward_rowwise(self, x: torch.Tensor) -> torch.Tensor:
+        """The batched path's MoE: each token's numbers are the same whatever tokens share the call."""
+        t = self.norm(x)
+        indices, weights = self.route(t)
+        return x + self.expert_by_expert(t, indices, weights, rowwise=True).to(x.dtype)
+
+    def expert_by_expert(self, t: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
+        """Many tokens (prefill): dequantise each chosen expert once and run all its tokens through it.
+
+        rowwise: one matmul per token (an fp32 matmul's rounding on the CPU depends on how many rows share
+        it; bf16 ones, as in attention, were seen not to)."""
+        linear = _rowwise_linear if rowwise else F.linear
         out = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
         for expert in torch.unique(indices).tolist():
             token, slot = torch.where(indices == expert)
             mlp1, mlp2 = self.expert_weights(expert)
-            h = swiglu(F.linear(t[token].float(), mlp1, self.mlp1_bias[expert].float()), self.alpha, self.limit)
-            y = F.linear(h, mlp2, self.mlp2_bias[expert].float())
+            h = swiglu(linear(t[token].float(), mlp1, self.mlp1_bias[expert].float()), self.alpha, self.limit)
+            y = linear(h, mlp2, self.mlp2_bias[expert].float())
             out.index_add_(0, token, y * weights[token, slot, None])
         return out
 
@@ -184,6 +238,10 @@ class MoE(torch.nn.Module):
         mlp2 = mxfp4.dequantize(self.mlp2_blocks[indices], self.mlp2_scales[indices], torch.float32)  # [n, k, H, I]
         y = torch.einsum("nkhi,nki->nkh", mlp2, h) + self.mlp2_bias[indices].float()
         return torch.einsum("nkh,nk->nh", y, weights)
+
+
+def _rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.cat([F.linear(row[None], weight, bias) for row in x])
 
 
 class Block(torch.nn.Module):
@@ -222,6 +280,33 @@ class Transformer(torch.nn.Module):
         cache.advance(len(tokens))
         x = self.norm(x if all_logits else x[-1:])
         return F.linear(x, self.unembedding).float()
+
+    def new_paged_cache(self, num_blocks: int, window_blocks: int, block_size: int) -> PagedKVCache:
+        c = self.config
+        sliding = [c.is_sliding(n) for n in range(c.num_hidden_layers)]
+        return PagedKVCache(
+            sliding, c.sliding_window, c.num_key_value_heads, c.head_dim, num_blocks, window_blocks, block_size, self.device
+        )
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache) -> torch.Tensor:
+        """Each segment (a sequence and its next tokens: a prefill chunk or one decode token) runs at positions
+        seq.length …; returns fp32 logits [segments, vocab] of each segment's last token; advances each sequence.
+
+        Norms, rotary, projections (bf16) and the unembedding work row by row, the experts run one token per
+        matmul, attention per sequence: a token's logits depend only on its own sequence.
+        """
+        for seq, tokens in segments:
+            cache.prepare(seq, tokens, prefill=seq.length < len(seq.tokens))
+        tokens = torch.tensor([t for _, part in segments for t in part], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(seq.length, seq.length + len(part)) for seq, part in segments]).to(self.device)
+        x = self.embedding[tokens]
+        for block in self.blocks:
+            x = block.mlp.forward_rowwise(block.attn.forward_paged(x, positions, segments, cache))
+        last = torch.tensor([len(part) for _, part in segments]).cumsum(0) - 1
+        for seq, part in segments:
+            cache.advance(seq, len(part))
+        return F.linear(self.norm(x[last.to(self.device)]), self.unembedding).float()
 
     def weights_bytes(self) -> int:
         """Bytes of all weights as held in memory (experts packed)."""
