@@ -119,7 +119,10 @@ def make_checkpoint_command(
     """Write a random gpt-oss checkpoint (valid MXFP4 experts) for tests, demos and benchmarks."""
     from kubrick.engine.make_checkpoint import make_checkpoint
 
-    make_checkpoint(out, layout=layout, preset=preset, config_file=config, seed=seed)
+    written = make_checkpoint(out, layout=layout, preset=preset, config_file=config, seed=seed)
+    shape = f"the shape in {config}" if config else f"the {preset} preset"
+    typer.echo(f"wrote a random gpt-oss checkpoint ({shape}, {layout} layout, seed {seed}) to {written}")
+    typer.echo(f"serve it with: kubrick serve --checkpoint {written}")
 
 
 def main() -> None:

@@ -47,3 +47,20 @@ def test_bad_flags_get_one_line_and_no_traceback(args, expected):
     assert result.returncode == 2
     assert result.stderr.startswith("kubrick: error: ") and expected in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_make_checkpoint_says_what_it_wrote_and_how_to_serve_it(tmp_path):
+    out = tmp_path / "tiny"
+    result = run_kubrick("make-checkpoint", str(out), "--layout", "hf")
+    assert result.returncode == 0, result.stderr
+    assert f"(the tiny preset, hf layout, seed 0) to {out}" in result.stdout
+    assert f"kubrick serve --checkpoint {out}" in result.stdout
+    assert (out / "config.json").is_file()
+
+
+def test_make_checkpoint_into_a_folder_with_files_changes_nothing(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_kubrick("make-checkpoint", str(tmp_path))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "already exists and is not an empty folder" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
