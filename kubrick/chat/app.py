@@ -65,11 +65,12 @@ def run_chat(options: ChatOptions) -> int:
 
 def _question(options: ChatOptions) -> str:
     if options.prompt is not None:
-        question = options.prompt
+        # bytes that are not UTF-8 arrive as surrogates, which no JSON file or request can carry
+        question = options.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     elif sys.stdin.isatty():
         raise KubrickError("--json needs a question: pass -p QUESTION or pipe it on stdin")
     else:
-        question = sys.stdin.read()
+        question = sys.stdin.buffer.read().decode("utf-8", "replace")  # a Latin-1 file still gets asked
     if not question.strip():
         raise KubrickError("nothing to ask: the question is empty (pass -p QUESTION or pipe text on stdin)")
     return question.strip("\n")

@@ -76,21 +76,26 @@ class ConversationStore:
     def save(self, conversation: Conversation) -> Path:
         """Write atomically (temp file + fsync + rename)."""
         conversation.updated = _now()
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.path_for(conversation)
         data = json.dumps(conversation.to_json(), ensure_ascii=False, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{conversation.id}.", suffix=".tmp")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{conversation.id}.", suffix=".tmp")
+        except OSError as err:
+            raise KubrickError(f"cannot save the conversation in {self.root}: {err.strerror or err}") from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            if isinstance(err, OSError):  # a full disk, say: the previous version of the file stays
+                raise KubrickError(f"cannot save the conversation to {path}: {err.strerror or err}") from None
             raise
         return path
 

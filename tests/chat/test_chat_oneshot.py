@@ -149,3 +149,22 @@ def test_a_reply_stopped_by_max_tokens_says_so_in_json_and_the_store(tmp_path):
     assert json.loads(result.stdout.splitlines()[-1])["finish_reason"] == "length"
     [saved] = (tmp_path / "conversations").glob("*.json")
     assert json.loads(saved.read_text())["messages"][-1]["finish_reason"] == "length"
+
+
+def test_a_question_that_is_not_utf8_is_asked_with_replacement_characters(server, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "KUBRICK_"))}
+    env["KUBRICK_HOME"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "kubrick.cli", "--triton-url", server.url],
+                            input="café in Latin-1\n".encode("latin-1"), capture_output=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == "You asked: caf\ufffd in Latin-1\n"
+    (saved,) = (tmp_path / "conversations").glob("*.json")
+    assert json.loads(saved.read_text())["messages"][0]["content"] == "caf\ufffd in Latin-1"
+
+
+def test_a_conversation_folder_that_cannot_be_written_is_one_line(server, tmp_path):
+    (tmp_path / "conversations").write_text("a file where the folder should be")
+    result = kubrick("-p", "hi", "--triton-url", server.url, home=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("kubrick: error: cannot save the conversation in ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
