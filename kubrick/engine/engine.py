@@ -39,7 +39,7 @@ DEFAULT_CONTEXT_LENGTH = 8192
 # Kubrick's Triton kernels (kernels issue). Both take (config, weights) and share forward(tokens, cache).
 IMPLEMENTATIONS = {
     "reference": ("kubrick.engine.model", "Transformer"),
-    "triton": ("kubrick.engine.fast_model", "FastTransformer"),
+    "triton": ("kubrick.engine.fast_model", "GraphedFastTransformer"),  # decode steps replay a CUDA graph on a GPU
 }
 PREFILL_CHUNK = 512  # tokens per prefill step: 20b's scores stay near 1 GB even at an 8192-token context
 
@@ -59,8 +59,8 @@ class Engine:
         context_length: int = DEFAULT_CONTEXT_LENGTH,
         implementation: str | None = None,
     ):
-        implementation = implementation or os.environ.get("KUBRICK_ENGINE_IMPL") or "reference"
-        if implementation not in IMPLEMENTATIONS:
+        implementation = implementation or os.environ.get("KUBRICK_ENGINE_IMPL") or None
+        if implementation is not None and implementation not in IMPLEMENTATIONS:
             raise EngineError(
                 f"unknown engine implementation {implementation!r} (KUBRICK_ENGINE_IMPL); use {' or '.join(IMPLEMENTATIONS)}"
             )
@@ -76,6 +76,8 @@ class Engine:
         self.checkpoint = Path(checkpoint)
         self.device = str(self.torch_device)
         self.context_length = context_length
+        # Default: the kernels on a GPU, the reference on a CPU (where Triton only has its slow interpreter).
+        implementation = implementation or ("triton" if self.torch_device.type == "cuda" else "reference")
         self.implementation = implementation
         self.version = f"{__version__}-{implementation}"
         self.config, weights = load_checkpoint(self.checkpoint, self.torch_device)

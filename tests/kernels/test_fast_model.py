@@ -110,3 +110,87 @@ def test_cuda_graph_decoder_replays_the_eager_steps(tiny):
         assert rel_error(graphed, eager) < 1e-3  # not bit-equal: split-K atomics add in any order
         token = eager[-1].argmax().view(1)
     assert graph_cache.length == eager_cache.length == 36
+
+
+def _prefilled_batch(model, config, prompts):
+    """Each prompt prefilled on its own, its keys/values copied into its slot of a batched cache."""
+    from kubrick.engine.fast_model import BatchedKVCache
+
+    capacity = max(len(p) for p in prompts) + 4
+    batched = model.new_batched_cache(len(prompts), capacity)
+    assert isinstance(batched, BatchedKVCache)
+    singles = []
+    for slot, prompt in enumerate(prompts):
+        cache = model.new_cache(capacity)
+        model(prompt, cache)
+        for layer in range(config.num_hidden_layers):
+            batched.keys[layer][slot].copy_(cache.keys[layer])
+            batched.values[layer][slot].copy_(cache.values[layer])
+        singles.append(cache)
+    return batched, singles
+
+
+def test_batched_decode_equals_one_sequence_at_a_time(tiny):
+    # Three sequences of different lengths (one past the sliding window of 8) decode one token each in one
+    # call; each row must match that sequence's own single-sequence step. Not bit-equal: the dense matmuls
+    # see 3 rows instead of 1 and may round differently (bf16); 1e-2 is the kernels' bf16 bound.
+    config, weights = tiny
+    model = FastTransformer(config, weights)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).to(DEVICE) for n in (5, 11, 3)]
+    batched, singles = _prefilled_batch(model, config, prompts)
+    tokens = torch.tensor([7, 4000, 123], device=DEVICE)
+    positions = torch.tensor([len(p) for p in prompts], device=DEVICE)
+    got = model.decode_batch(tokens, positions, batched)
+    assert got.shape == (3, config.vocab_size)
+    for slot, cache in enumerate(singles):
+        expected = model(tokens[slot : slot + 1], cache)[-1]
+        assert rel_error(got[slot], expected) < 1e-2, slot
+        layer = config.num_hidden_layers - 1  # the new token's keys landed in its own slot, at its position
+        row = len(prompts[slot])
+        assert rel_error(batched.keys[layer][slot, row], cache.keys[layer][row]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_batch_decoder_replays_the_eager_batch(tiny):
+    from kubrick.engine.fast_model import CudaGraphBatchDecoder
+
+    config, weights = tiny
+    model = FastTransformer(config, weights)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).to(DEVICE) for n in (9, 20, 4, 13, 30)]
+    eager_cache, _ = _prefilled_batch(model, config, prompts)
+    graph_cache, _ = _prefilled_batch(model, config, prompts)
+    decoder = CudaGraphBatchDecoder(model, graph_cache, buckets=(1, 2, 8))
+    assert decoder.bucket_for(5) == 8 and decoder.bucket_for(1) == 1
+    tokens = torch.tensor([1, 2, 3, 4, 5], device=DEVICE)
+    positions = torch.tensor([len(p) for p in prompts], device=DEVICE)
+    for _ in range(3):
+        eager = model.decode_batch(tokens, positions, eager_cache)
+        graphed = decoder.step(tokens, positions)[:5]
+        assert rel_error(graphed, eager) < 1e-3  # split-K atomics add in any order
+        tokens, positions = eager.argmax(dim=-1), positions + 1
+    # The two live sequences in a bucket of 2 get the same logits as in the bucket of 8.
+    eager = model.decode_batch(tokens[:2], positions[:2], eager_cache)
+    assert rel_error(decoder.step(tokens[:2], positions[:2])[:2], eager) < 1e-3
+
+
+@pytest.mark.gpu
+def test_graphed_model_decodes_like_the_eager_model(tiny):
+    # What the Engine runs on a GPU: new_cache captures the graph, one-token forward replays it.
+    from kubrick.engine.fast_model import GraphedFastTransformer
+
+    config, weights = tiny
+    eager, graphed = FastTransformer(config, weights), GraphedFastTransformer(config, weights)
+    eager_cache, graph_cache = eager.new_cache(64), graphed.new_cache(64)
+    assert graphed.decoder is not None and graphed.decoder.cache is graph_cache
+    prompt = torch.arange(300, 320, device="cuda")
+    token = eager(prompt, eager_cache)[-1].argmax().view(1)
+    graphed(prompt, graph_cache)
+    for _ in range(8):
+        expected, got = eager(token, eager_cache), graphed(token, graph_cache)
+        assert rel_error(got, expected) < 1e-3
+        token = expected[-1].argmax().view(1)
+    graph_cache.truncate(10)  # the engine reuses a prefix: the next step replays at position 10
+    eager_cache.truncate(10)
+    assert rel_error(graphed(token, graph_cache), eager(token, eager_cache)) < 1e-3
