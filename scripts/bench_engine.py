@@ -228,7 +228,6 @@ def decode_batched(model, config, batches, context: int, steps: int) -> list[dic
 
         seconds = _timed(step, steps)
         rows.append({"batch": batch, "context": context, "s_per_step": seconds, "tok_s": batch / seconds})
-    del decoder, cache
     return rows
 
 
@@ -293,18 +292,15 @@ def profiles(model, config, batch_context: int) -> dict:
         model(chunk, cache)
     token, position = torch.tensor([5], device="cuda"), torch.tensor([4096], device="cuda")
     out["decode_batch1_ctx4096"] = profile(lambda: model.decode_step(token, position, cache))
-    del cache
     batched = model.new_batched_cache(64, batch_context + 8)
     tokens = torch.randint(0, config.vocab_size - 1000, (64,), device="cuda")
     positions = torch.full((64,), batch_context, dtype=torch.long, device="cuda")
     out["decode_batch64"] = profile(lambda: model.decode_batch(tokens, positions, batched))
-    del batched
-    cache = model.new_cache(2049)
-    prompt = prompt[:2048]
+    prefill_cache = model.new_cache(2049)
 
     def run_prefill():
-        cache.truncate(0)
-        model(prompt, cache)
+        prefill_cache.truncate(0)
+        model(prompt[:2048], prefill_cache)
 
     out["prefill_2048"] = profile(run_prefill, repeats=1)
     return out

@@ -198,8 +198,8 @@ class CudaGraphBatchDecoder:
     """Batched decode: one captured CUDA graph of FastTransformer.decode_batch per batch-size bucket.
 
     `step(tokens, positions)` with n ≤ the largest bucket sequences (slots 0 … n-1) replays the smallest
-    bucket that holds n; the idle slots of the bucket decode token 0 at position 0 of their own slot, which no
-    live sequence reads. The graphs share one memory pool (only one replays at a time). Returns the bucket's
+    bucket that holds n; the idle slots of the bucket decode token 0 at the last row of their own slot (as do
+    warm-up and capture), which no live sequence has reached. The graphs share one memory pool (only one replays at a time). Returns the bucket's
     static logits [bucket, vocab] (valid until the next step).
     """
 
@@ -208,7 +208,8 @@ class CudaGraphBatchDecoder:
         self.buckets = sorted(b for b in buckets if b <= cache.batch) or [cache.batch]
         device = model.device
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(cache.batch, dtype=torch.long, device=device)
+        self.idle_position = cache.capacity - 1
+        self.positions = torch.full((cache.batch,), self.idle_position, dtype=torch.long, device=device)
         self.graphs, self.logits, pool = {}, {}, None
         for bucket in self.buckets:
             tokens, positions = self.tokens[:bucket], self.positions[:bucket]
@@ -238,7 +239,7 @@ class CudaGraphBatchDecoder:
         self.positions[:n].copy_(positions)
         if n < bucket:
             self.tokens[n:bucket].zero_()
-            self.positions[n:bucket].zero_()
+            self.positions[n:bucket].fill_(self.idle_position)
         self.graphs[bucket].replay()
         return self.logits[bucket]
 

@@ -116,7 +116,7 @@ def _prefilled_batch(model, config, prompts):
     """Each prompt prefilled on its own, its keys/values copied into its slot of a batched cache."""
     from kubrick.engine.fast_model import BatchedKVCache
 
-    capacity = max(len(p) for p in prompts) + 4
+    capacity = max(len(p) for p in prompts) + 8
     batched = model.new_batched_cache(len(prompts), capacity)
     assert isinstance(batched, BatchedKVCache)
     singles = []
