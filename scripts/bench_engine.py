@@ -169,7 +169,7 @@ def _timed(fn, repeats: int) -> float:
 
 def decode_batch1(model, config, context: int, steps: int) -> dict:
     """Greedy decode after a `context`-token prompt, through the Engine's path (one-token forward = graph replay)."""
-    cache = model.new_cache(context + steps + 16)  # captures the decode graph over this cache
+    cache = model.new_cache(context + 2 * steps + 64)  # warm-up + timed + host-sampler steps; captures the graph
     prompt = torch.randint(0, config.vocab_size - 1000, (context,), device="cuda")
     for chunk in torch.split(prompt, 2048):
         logits = model(chunk, cache)

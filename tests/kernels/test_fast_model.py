@@ -161,8 +161,8 @@ def test_cuda_graph_batch_decoder_replays_the_eager_batch(tiny):
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).to(DEVICE) for n in (9, 20, 4, 13, 30)]
     eager_cache, _ = _prefilled_batch(model, config, prompts)
     graph_cache, _ = _prefilled_batch(model, config, prompts)
-    decoder = CudaGraphBatchDecoder(model, graph_cache, buckets=(1, 2, 8))
-    assert decoder.bucket_for(5) == 8 and decoder.bucket_for(1) == 1
+    decoder = CudaGraphBatchDecoder(model, graph_cache, buckets=(1, 2, 5))
+    assert decoder.bucket_for(5) == 5 and decoder.bucket_for(3) == 5 and decoder.bucket_for(1) == 1
     tokens = torch.tensor([1, 2, 3, 4, 5], device=DEVICE)
     positions = torch.tensor([len(p) for p in prompts], device=DEVICE)
     for _ in range(3):
@@ -170,9 +170,11 @@ def test_cuda_graph_batch_decoder_replays_the_eager_batch(tiny):
         graphed = decoder.step(tokens, positions)[:5]
         assert rel_error(graphed, eager) < 1e-3  # split-K atomics add in any order
         tokens, positions = eager.argmax(dim=-1), positions + 1
-    # The two live sequences in a bucket of 2 get the same logits as in the bucket of 8.
-    eager = model.decode_batch(tokens[:2], positions[:2], eager_cache)
-    assert rel_error(decoder.step(tokens[:2], positions[:2])[:2], eager) < 1e-3
+    # Three live sequences in the bucket of 5 (two idle slots), then two in the bucket of 2.
+    for live in (3, 2):
+        eager = model.decode_batch(tokens[:live], positions[:live], eager_cache)
+        assert rel_error(decoder.step(tokens[:live], positions[:live])[:live], eager) < 1e-3
+        tokens, positions = eager.argmax(dim=-1), positions[:live] + 1
 
 
 @pytest.mark.gpu
