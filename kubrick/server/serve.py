@@ -7,6 +7,7 @@ then supervise it until Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -52,11 +53,12 @@ def resolve_device(flag: str | None) -> str:
     """--device > $TRITON_DEVICE > cuda:0 when torch sees a GPU > cpu."""
     device = flag or os.environ.get("TRITON_DEVICE")
     if device:
+        origin = "--device" if flag else "$TRITON_DEVICE"
         device = device.strip().lower()
         if device == "cuda":
             device = "cuda:0"
         if device != "cpu" and not (device.startswith("cuda:") and device[5:].isdigit()):
-            raise KubrickError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+            raise KubrickError(f"unknown device {device!r} (from {origin}); use cpu, cuda or cuda:N")
         if device != "cpu":
             _check_gpu_visible(device)
         return device
@@ -105,7 +107,11 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
+            except socket.gaierror as err:  # the address, not the port, is the problem
+                raise KubrickError(f"cannot listen on {host} ({err.strerror or err}); check --host") from None
             except OSError as err:
+                if err.errno == errno.EADDRNOTAVAIL:
+                    raise KubrickError(f"cannot listen on {host}: no network interface here has that address; check --host") from None
                 raise KubrickError(
                     f"cannot listen on {host}:{port} ({err.strerror or err}); free it or choose another with {flag}"
                 ) from None

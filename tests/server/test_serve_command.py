@@ -267,3 +267,18 @@ def test_numpy_2_is_refused_with_the_fix(monkeypatch):
         check_stub_numpy(install)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.26.4" if name == "numpy" else real_version(name))
     check_stub_numpy(install)
+
+
+@pytest.mark.parametrize("host,expected", [("nosuchhost.invalid", "cannot listen on nosuchhost.invalid ("),
+                                           ("192.0.2.77", "no network interface here has that address")])
+def test_an_address_that_cannot_be_bound_points_at_host_not_the_port(host, expected):
+    with pytest.raises(KubrickError) as caught:
+        check_ports_free(host, {"--http-port": free_port(), "--grpc-port": free_port()})
+    assert expected in str(caught.value) and str(caught.value).endswith("check --host")
+
+
+def test_a_bad_device_from_the_environment_names_the_variable(clean_env, monkeypatch):
+    monkeypatch.setenv("TRITON_DEVICE", "tpu")
+    result = run_kubrick("serve", "--http-port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr == "kubrick: error: unknown device 'tpu' (from $TRITON_DEVICE); use cpu, cuda or cuda:N\n"
