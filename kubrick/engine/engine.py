@@ -1,6 +1,8 @@
 """Engine: a conversation in, a stream of reasoning/answer deltas out, on one gpt-oss checkpoint.
 
-One generation at a time (the scheduler queues requests in front of it). The KV cache is kept between
+`generate` serves one request at a time. For many at once, the scheduler drives the batched path:
+`prepare` checks a request and renders its prompt, `forward_batch` runs one step of many sequences over the
+paged KV cache (`paged_cache.py`), sized by `kv_cache_memory`. The single-request KV cache is kept between
 requests, so a follow-up turn whose prompt extends the last conversation reuses the whole prefill chunks
 it shares with it (see `_prefill`).
 """
@@ -8,7 +10,9 @@ it shares with it (see `_prefill`).
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import re
 import threading
 import time
 from dataclasses import asdict
@@ -31,6 +35,7 @@ from kubrick.engine.api import (
     parse_params,
 )
 from kubrick.engine.checkpoint import load_checkpoint
+from kubrick.engine.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_CPU_BYTES, DEFAULT_GPU_FRACTION, PagedKVCache
 from kubrick.engine.sampler import Sampler
 from kubrick.engine.stop import StopStrings
 
@@ -42,6 +47,44 @@ IMPLEMENTATIONS = {
     "triton": ("kubrick.engine.fast_model", "GraphedFastTransformer"),  # decode steps replay a CUDA graph on a GPU
 }
 PREFILL_CHUNK = 512  # tokens per prefill step: 20b's scores stay near 1 GB even at an 8192-token context
+DEFAULT_MAX_BATCH = 64  # sequences in one batched step
+DEFAULT_STEP_TOKENS = 512  # tokens (decode + prefill) in one batched step: bounds a step's time
+
+log = logging.getLogger(__name__)
+
+
+def _setting(name: str, value, default: int) -> int:
+    """A whole-number setting: the argument, else the environment variable, else the default."""
+    raw = value if value is not None else os.environ.get(name, default)
+    try:
+        number = int(raw)
+    except (TypeError, ValueError):
+        raise EngineError(f"{name} must be a whole number, not {raw!r}") from None
+    if number < 1:
+        raise EngineError(f"{name} must be at least 1, not {number}")
+    return number
+
+
+def kv_cache_budget(setting: str | float | None, device: torch.device) -> int:
+    """Bytes for the paged KV cache. setting: a fraction (0 < f <= 1) of the memory free now (on a GPU,
+    after the weights), or a size such as 512MiB or 2GiB; default 0.9 on a GPU, 256 MiB on a CPU."""
+    raw = setting if setting is not None else os.environ.get("KUBRICK_KV_CACHE_MEMORY")
+    if raw is None or raw == "":
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0] * DEFAULT_GPU_FRACTION)
+        return DEFAULT_CPU_BYTES
+    text = str(raw).strip()
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(KiB|MiB|GiB|KB|MB|GB|B)?", text, re.IGNORECASE)
+    units = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    if size and size.group(2):
+        return int(float(size.group(1)) * units[size.group(2).lower()])
+    if size and 0 < float(size.group(1)) <= 1:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0] * float(size.group(1)))
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * float(size.group(1)))
+    raise EngineError(
+        f"kv-cache-memory must be a fraction of free memory (0.9) or a size (512MiB, 4GiB), not {raw!r}"
+    )
 
 
 def _validated(params: SamplingParams) -> SamplingParams:
@@ -58,6 +101,10 @@ class Engine:
         device: str = "cpu",
         context_length: int = DEFAULT_CONTEXT_LENGTH,
         implementation: str | None = None,
+        kv_cache_memory: str | float | None = None,
+        max_batch: int | None = None,
+        step_tokens: int | None = None,
+        block_size: int | None = None,
     ):
         implementation = implementation or os.environ.get("KUBRICK_ENGINE_IMPL") or None
         if implementation is not None and implementation not in IMPLEMENTATIONS:
@@ -95,6 +142,69 @@ class Engine:
         self.last_reused_tokens = 0  # prompt tokens the last request took from the cache
         self.stop_tokens = harmony.stop_tokens()
         self._lock = threading.Lock()
+        self.max_batch = _setting("KUBRICK_MAX_BATCH", max_batch, DEFAULT_MAX_BATCH)
+        self.step_tokens = _setting("KUBRICK_STEP_TOKENS", step_tokens, DEFAULT_STEP_TOKENS)
+        self.block_size = _setting("KUBRICK_KV_BLOCK_SIZE", block_size, DEFAULT_BLOCK_SIZE)
+        if self.step_tokens < self.max_batch + self.block_size:  # room for every decode plus one prefill block
+            raise EngineError(
+                f"KUBRICK_STEP_TOKENS ({self.step_tokens}) must be at least KUBRICK_MAX_BATCH ({self.max_batch}) "
+                f"+ the block size ({self.block_size}), so prompts keep moving while every sequence decodes"
+            )
+        # The batched path needs a model that reads the paged cache; FastTransformer does not yet, so with it
+        # the scheduler serves one request at a time through generate().
+        self.paged: PagedKVCache | None = None
+        if hasattr(self.model, "forward_batch"):
+            self.paged = self._new_paged_cache(kv_cache_budget(kv_cache_memory, self.torch_device))
+            self.paged.prefix_reuse = os.environ.get("KUBRICK_PREFIX_CACHE", "1") not in ("0", "false", "no", "off")
+            log.info("%s", self.kv_cache_description())
+
+    def _new_paged_cache(self, budget: int) -> PagedKVCache:
+        """Window-layer blocks for max_batch sequences (twice over, so finished prompts stay cached), the rest
+        of the budget in full-attention blocks."""
+        c, bs = self.config, self.block_size
+        sliding = sum(c.is_sliding(n) for n in range(c.num_hidden_layers))
+        full_bytes = PagedKVCache.block_bytes(c.num_hidden_layers - sliding, c.num_key_value_heads, c.head_dim, bs)
+        window_bytes = PagedKVCache.block_bytes(sliding, c.num_key_value_heads, c.head_dim, bs)
+        span = -(-(c.sliding_window + self.step_tokens) // bs) + 1
+        window_blocks = 2 * self.max_batch * span
+        full_blocks = (budget - window_blocks * window_bytes) // max(full_bytes, 1)
+        if full_blocks < 1:
+            raise EngineError(
+                f"a KV-cache budget of {budget / 2**20:.0f} MiB is too small for {self.max_batch} sequences of "
+                f"{self.step_tokens}-token steps; raise --kv-cache-memory or lower KUBRICK_MAX_BATCH/KUBRICK_STEP_TOKENS"
+            )
+        return self.model.new_paged_cache(int(full_blocks), window_blocks, bs)
+
+    def kv_cache_description(self) -> str:
+        """One line for the log: how many tokens the paged KV cache holds and its size."""
+        if self.paged is None:
+            return f"KV cache: one sequence of {self.context_length} tokens ({self.cache.nbytes() / 2**20:.0f} MiB)"
+        p = self.paged
+        return (
+            f"paged KV cache: {p.capacity_tokens()} tokens in {p.full_pool.num_blocks} blocks of {p.block_size} "
+            f"+ {p.window_pool.num_blocks} sliding-window blocks, {p.nbytes() / 2**20:.0f} MiB; batches of up to "
+            f"{self.max_batch} sequences, {self.step_tokens} tokens a step"
+        )
+
+    def prepare(self, messages: list[Message], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        """Check a request (InvalidRequest, worded for a person) and render its prompt."""
+        params = _validated(params)
+        if not messages:
+            raise InvalidRequest("no messages; send at least one user message")
+        prompt = self.render(messages, params)
+        if len(prompt) >= self.context_length:
+            raise InvalidRequest(
+                f"the conversation is {len(prompt)} tokens, more than the context of {self.context_length} allows "
+                "(room for at least one reply token is needed); shorten it or start a new one"
+            )
+        return prompt, params
+
+    def forward_batch(self, segments) -> torch.Tensor:
+        """One batched step over the paged cache: logits [segments, vocab] (see model.Transformer.forward_batch)."""
+        try:
+            return self.model.forward_batch(segments, self.paged)
+        except torch.cuda.OutOfMemoryError:
+            raise EngineError("the GPU ran out of memory; lower --kv-cache-memory or KUBRICK_STEP_TOKENS") from None
 
     @classmethod
     def from_env(cls, checkpoint=None, device=None, context_length=None) -> "Engine":
@@ -112,7 +222,8 @@ class Engine:
         return cls(checkpoint, device=device, context_length=context_length)
 
     def kv_cache_usage(self) -> float:
-        return self.cache.usage()
+        """The fuller of the two caches: the paged one (the scheduler's batches) and the one of generate()."""
+        return max(self.cache.usage(), self.paged.usage() if self.paged is not None else 0.0)
 
     def render(self, messages: list[Message], params: SamplingParams) -> list[int]:
         return harmony.render_prompt(messages, params.reasoning_effort)
@@ -121,15 +232,7 @@ class Engine:
         self, messages: list[Message], params: SamplingParams, cancel: CancelToken | None = None
     ) -> Iterator[Event]:
         """Check the request now (InvalidRequest before any event), then stream its events."""
-        params = _validated(params)
-        if not messages:
-            raise InvalidRequest("no messages; send at least one user message")
-        prompt = self.render(messages, params)
-        if len(prompt) >= self.context_length:
-            raise InvalidRequest(
-                f"the conversation is {len(prompt)} tokens, more than the context of {self.context_length} allows "
-                "(room for at least one reply token is needed); shorten it or start a new one"
-            )
+        prompt, params = self.prepare(messages, params)
         return self._stream(prompt, params, cancel or CancelToken())
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:

@@ -291,7 +291,9 @@ class Transformer(torch.nn.Module):
     @torch.inference_mode()
     def forward_batch(self, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache) -> torch.Tensor:
         """Each segment (a sequence and its next tokens: a prefill chunk or one decode token) runs at positions
-        seq.length …; returns fp32 logits [segments, vocab] of each segment's last token; advances each sequence.
+        seq.length …; advances each sequence. Returns fp32 logits [k, vocab] of the last token of each segment
+        that reached the end of its sequence's known tokens (a decode token, a prompt's last chunk), in order:
+        a chunk from the middle of a prompt needs none.
 
         Norms, rotary, projections (bf16) and the unembedding work row by row, the experts run one token per
         matmul, attention per sequence: a token's logits depend only on its own sequence.
@@ -306,7 +308,8 @@ class Transformer(torch.nn.Module):
         last = torch.tensor([len(part) for _, part in segments]).cumsum(0) - 1
         for seq, part in segments:
             cache.advance(seq, len(part))
-        return F.linear(self.norm(x[last.to(self.device)]), self.unembedding).float()
+        wanted = torch.tensor([seq.length >= len(seq.tokens) for seq, _ in segments])
+        return F.linear(self.norm(x[last[wanted].to(self.device)]), self.unembedding).float()
 
     def weights_bytes(self) -> int:
         """Bytes of all weights as held in memory (experts packed)."""

@@ -147,6 +147,7 @@ class PagedKVCache:
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
         self.sequences: dict[int, SequenceBlocks] = {}  # admitted and not yet released, by id()
+        self.prefix_reuse = True  # off: every prompt is computed in full (to measure what reuse saves)
 
     # -- sizes -------------------------------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class PagedKVCache:
     def _take_prefix(self, seq: SequenceBlocks) -> None:
         """Share the longest cached prefix of whole blocks (leaving at least one prompt token to compute)."""
         bs = self.block_size
-        keys = chain_keys(seq.tokens[: len(seq.tokens) - 1], bs)
+        keys = chain_keys(seq.tokens[: len(seq.tokens) - 1], bs) if self.prefix_reuse else []
         full = []
         for key in keys:
             block = self.full_pool.lookup(key)

@@ -1,10 +1,22 @@
-"""The engine's request loop: one thread owns the engine and serves requests from a FIFO queue.
+"""The engine's request loop: one thread owns the engine and runs every request in one continuous batch.
 
 Callers `submit()` a request and get a `RequestHandle`; the request's events arrive through the callback given
 at submit time, on the engine thread, and every request ends with exactly one terminal event: a `Finished` or
 an `EngineError` (an `InvalidRequest` for a bad request). Cancelling a handle stops a running request before its
-next decode step and drops a waiting one. Today one request runs at a time; continuous batching (a later issue)
-replaces `_run_one` with a step loop over many requests while `submit`/`RequestHandle` stay as they are.
+next step (its KV blocks are freed at once) and drops a waiting one.
+
+Continuous batching (engines with a paged KV cache, `engine.paged`): every step
+  1. drops cancelled requests and admits waiting ones first come first served while the paged cache can
+     promise them every block they may need (prompt + max_tokens); the first that does not fit waits, and
+     all behind it (no overtaking); one that could never fit gets an InvalidRequest at once;
+  2. plans at most `engine.step_tokens` tokens: one decode token for every request past its prompt, then
+     prefill chunks (cut at KV-block boundaries) of the requests still reading their prompts, in arrival order;
+  3. runs them in one `engine.forward_batch` and samples each finished row with that request's own sampler,
+     Harmony parser, stop strings and max_tokens; finished requests leave the batch and free their blocks.
+The step-time bound: a step never runs more than `step_tokens` tokens, so a 30,000-token prompt is read
+`step_tokens - decoding requests` tokens at a time while every other stream still gets a token each step.
+Engines without a paged cache (the Triton-kernel FastTransformer, until its kernels read the paged layout)
+are served one request at a time through `engine.generate`.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from kubrick.engine.api import (
     EngineLike,
     Event,
     Finished,
+    InvalidRequest,
     Message,
     SamplingParams,
     Usage,
@@ -49,6 +62,9 @@ class RequestHandle:
     started_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    prompt_tokens: int = 0  # the rendered prompt (batched path)
+    reused_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed (batched path)
+    generated_tokens: int = 0  # tokens sampled so far (batched path)
 
     def cancel(self) -> None:
         """Stop this request: before its next decode step if running, before it starts if waiting."""
@@ -64,16 +80,18 @@ class RequestHandle:
 
 
 class Scheduler:
-    """Owns the engine on one thread; requests wait in arrival order."""
+    """Owns the engine on one thread; requests are admitted in arrival order."""
 
     def __init__(self, engine: EngineLike, name: str = "kubrick-engine"):
         self.engine = engine
+        self.batching = getattr(engine, "paged", None) is not None
         self._waiting: deque[RequestHandle] = deque()
-        self._running: RequestHandle | None = None
+        self._running: list = []  # RequestHandles (one at a time) or _Active requests (batched)
         self._lock = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        loop = self._batch_loop if self.batching else self._loop
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
         self._thread.start()
 
     @property
@@ -86,7 +104,7 @@ class Scheduler:
     def running(self) -> int:
         """Requests the engine is generating for right now."""
         with self._lock:
-            return 0 if self._running is None else 1
+            return len(self._running)
 
     def submit(self, messages: list[Message], params: SamplingParams, on_event: EventCallback) -> RequestHandle:
         """Queue a request; its events go to `on_event` (called on the engine thread, must not block long)."""
@@ -108,12 +126,162 @@ class Scheduler:
             self._stopping = True
             dropped = list(self._waiting)
             self._waiting.clear()
-            if self._running is not None:
-                self._running.cancel()
+            for running in self._running:
+                getattr(running, "handle", running).cancel()
             self._lock.notify_all()
         for handle in dropped:
             self._finish(handle, EngineError(SHUTTING_DOWN))
         self._thread.join(timeout)
+
+    # -- continuous batching ---------------------------------------------------------------------------------
+
+    def _batch_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    break
+            for active in [a for a in self._running if a.handle.cancelled]:
+                self._end(active, "cancelled")
+            self._admit()
+            if not self._running:
+                with self._lock:  # the queue's head waits for room that only a finishing request frees
+                    self._lock.wait(0.05)
+                continue
+            self._step()
+        for active in list(self._running):
+            self._end(active, error=EngineError(SHUTTING_DOWN))
+
+    def _admit(self) -> None:
+        """First come, first served, while the paged cache can promise a request all the blocks it may need."""
+        engine, cache = self.engine, self.engine.paged
+        while len(self._running) < engine.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                handle = self._waiting[0]
+            try:
+                if handle.cancelled:  # cancelled while it waited: the engine never sees it
+                    self._pop(handle)
+                    self._finish(handle, Finished(Usage(0, 0, 0.0, 0.0), reason="cancelled"))
+                    continue
+                prompt, params = engine.prepare(handle.messages, handle.params)
+                positions = min(len(prompt) + params.max_tokens - 1, engine.context_length - 1)
+                if not cache.fits_ever(positions, engine.step_tokens):
+                    raise InvalidRequest(
+                        f"this request needs room for {positions} tokens (a {len(prompt)}-token conversation + "
+                        f"max_tokens {params.max_tokens}) but the whole KV cache holds {cache.capacity_tokens()}; "
+                        "lower max_tokens, shorten the conversation, or raise --kv-cache-memory"
+                    )
+            except EngineError as err:  # InvalidRequest included: worded for a person already
+                self._pop(handle)
+                self._finish(handle, err)
+                continue
+            seq = cache.admit(prompt, positions, engine.step_tokens)
+            if seq is None:
+                return  # no room now: it waits (and everyone behind it) until a running request frees blocks
+            self._pop(handle)
+            handle.started_at = time.monotonic()
+            handle.prompt_tokens, handle.reused_tokens = len(prompt), seq.reused
+            with self._lock:
+                self._running.append(_Active(handle, prompt, params, seq, engine.stop_tokens))
+
+    def _pop(self, handle: RequestHandle) -> None:
+        with self._lock:
+            if self._waiting and self._waiting[0] is handle:
+                self._waiting.popleft()
+
+    def _plan(self) -> list[tuple[_Active, list[int]]]:
+        """This step's work: a decode token for each request past its prompt, then prompt chunks, in order."""
+        budget, block = self.engine.step_tokens, self.engine.paged.block_size
+        plan = [(a, [a.next_token]) for a in self._running if a.prefill_left == 0]
+        budget -= len(plan)
+        for a in self._running:
+            if a.prefill_left == 0 or budget <= 0:
+                continue
+            start = a.seq.length
+            end = start + min(a.prefill_left, budget)
+            if end < len(a.prompt):  # cut at a block boundary: a prompt's numbers then never depend on the cut
+                end = end // block * block
+            if end > start:
+                plan.append((a, a.prompt[start:end]))
+                budget -= end - start
+        return plan
+
+    def _step(self) -> None:
+        plan = self._plan()
+        if not plan:
+            return
+        try:
+            logits = self.engine.forward_batch([(a.seq, tokens) for a, tokens in plan])
+        except Exception as err:  # the step broke: end its requests with the reason, keep serving the rest
+            if not isinstance(err, EngineError):
+                log.exception("engine step failed")
+                err = EngineError(f"the engine failed on this request ({type(err).__name__}: {err})")
+            for active, _ in plan:
+                self._end(active, error=err)
+            return
+        for active, row in zip([a for a, _ in plan if a.prefill_left == 0], logits):  # rows only for these
+            self._on_logits(active, row)
+
+    def _on_logits(self, a: _Active, logits) -> None:
+        """Sample this request's next token and stream what it completes (as Engine.generate does)."""
+        if a.handle.cancelled:
+            self._end(a, "cancelled")
+            return
+        token = a.sampler(logits[: a.vocab])  # a padded vocabulary's extra ids mean nothing
+        a.produced += 1
+        a.handle.generated_tokens = a.produced
+        if a.first_token_at is None:
+            a.first_token_at = time.perf_counter()
+        if token in a.stop_tokens:
+            self._end(a, "stop")
+            return
+        for delta in a.parser.feed(token):
+            text, stopped = a.stops.push(delta)
+            if text:
+                self._deliver_delta(a.handle, type(delta)(text))
+            if stopped:
+                self._end(a, "stop")
+                return
+        if a.produced >= a.params.max_tokens or len(a.prompt) + a.produced >= self.engine.context_length:
+            self._end(a, "length")
+            return
+        a.next_token = token
+
+    def _end(self, a: _Active, reason: str = "", error: EngineError | None = None) -> None:
+        """A request leaves the batch: its blocks go back at once, then its last events."""
+        self.engine.paged.release(a.seq)
+        with self._lock:
+            if a in self._running:
+                self._running.remove(a)
+        if error is not None:
+            self._finish(a.handle, error)
+            return
+        if reason == "cancelled" and self._stopping:
+            self._finish(a.handle, EngineError(SHUTTING_DOWN))
+            return
+        if not a.stops.stopped:  # a stop string hides everything after it; otherwise show what is held
+            for delta in a.parser.finish():
+                text, _ = a.stops.push(delta)
+                if text:
+                    self._deliver_delta(a.handle, type(delta)(text))
+            for delta in a.stops.flush():
+                self._deliver_delta(a.handle, delta)
+        end = time.perf_counter()
+        first = a.first_token_at or end
+        decode_time = end - first
+        rate = (a.produced - 1) / decode_time if a.produced > 1 and decode_time > 0 else a.produced / max(end - a.started, 1e-9)
+        usage = Usage(len(a.prompt), a.produced, first - a.started, rate)
+        self._finish(a.handle, Finished(usage=usage, reason=reason))
+
+    def _deliver_delta(self, handle: RequestHandle, delta: Event) -> None:
+        if handle.first_token_at is None:
+            handle.first_token_at = time.monotonic()
+        self._deliver(handle, delta)
+
+    # -- one request at a time (engines without a paged cache) ---------------------------------------------
 
     def _next(self) -> RequestHandle | None:
         with self._lock:
@@ -121,8 +289,9 @@ class Scheduler:
                 self._lock.wait()
             if self._stopping:
                 return None
-            self._running = self._waiting.popleft()
-            return self._running
+            handle = self._waiting.popleft()
+            self._running = [handle]
+            return handle
 
     def _loop(self) -> None:
         while (handle := self._next()) is not None:
@@ -130,8 +299,8 @@ class Scheduler:
                 self._run_one(handle)
             finally:
                 with self._lock:
-                    if self._running is handle:
-                        self._running = None
+                    if handle in self._running:
+                        self._running.remove(handle)
 
     def _run_one(self, handle: RequestHandle) -> None:
         handle.started_at = time.monotonic()
@@ -161,8 +330,8 @@ class Scheduler:
             return
         handle.finished_at = time.monotonic()
         with self._lock:  # counts are right by the time the listener sees the last event
-            if self._running is handle:
-                self._running = None
+            if handle in self._running:
+                self._running.remove(handle)
         self._deliver(handle, outcome)
 
     @staticmethod
@@ -171,3 +340,24 @@ class Scheduler:
             handle.on_event(outcome)
         except Exception:  # a broken listener must not take the engine down
             log.exception("event callback failed for request %d", handle.id)
+
+
+class _Active:
+    """A request in the running batch: its sequence in the paged cache and its own sampling and text state."""
+
+    def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams, seq, stop_tokens: set[int]):
+        from kubrick.engine import harmony
+        from kubrick.engine.sampler import Sampler
+        from kubrick.engine.stop import StopStrings
+
+        self.handle, self.prompt, self.params, self.seq = handle, prompt, params, seq
+        self.stop_tokens, self.vocab = stop_tokens, harmony.VOCAB_SIZE
+        self.sampler, self.parser, self.stops = Sampler(params), harmony.HarmonyStream(), StopStrings(params.stop)
+        self.produced = 0
+        self.next_token: int | None = None  # sampled, to be fed at the next step
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    @property
+    def prefill_left(self) -> int:
+        return max(0, len(self.prompt) - self.seq.length)

@@ -1,0 +1,242 @@
+"""Continuous batching through the real scheduler on the tiny checkpoint (CPU): what each user of a shared
+server would notice. Requests join and leave a running batch and still get exactly their own replies; a full
+cache makes new requests wait, never fail; a request that could never fit is told so at once; the next turn of
+a chat reuses the cached history; cancelled requests leave nothing behind; a long prompt does not freeze the
+other streams."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kubrick.engine.api import EngineError, Finished, InvalidRequest, Message, SamplingParams
+from kubrick.engine.paged_cache import PagedKVCache
+from kubrick.engine.scheduler import Scheduler
+
+BLOCK = 16
+
+
+def make_engine(checkpoint, **settings):
+    from kubrick.engine.engine import Engine
+
+    defaults = dict(device="cpu", context_length=1024, max_batch=8, step_tokens=32, block_size=BLOCK)
+    return Engine(checkpoint, **{**defaults, **settings})
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_original):
+    return make_engine(tiny_original)
+
+
+@pytest.fixture
+def scheduler(engine):
+    engine.paged.drop_cached()  # each test starts cold
+    scheduler = Scheduler(engine)
+    try:
+        yield scheduler
+    finally:
+        scheduler.stop()
+
+
+class Reply:
+    """One request's events; `text` is its reasoning and answer as a person would read them."""
+
+    def __init__(self, on_event=None):
+        self.events: list = []
+        self.done = threading.Event()
+        self.first = threading.Event()
+        self.on_event = on_event
+
+    def __call__(self, outcome) -> None:
+        self.events.append(outcome)
+        self.first.set()
+        if self.on_event:
+            self.on_event(self, outcome)
+        if isinstance(outcome, (Finished, EngineError)):
+            self.done.set()
+
+    @property
+    def last(self):
+        return self.events[-1]
+
+    @property
+    def text(self) -> list[tuple[str, str]]:
+        return [(type(e).__name__, e.text) for e in self.events if hasattr(e, "text")]
+
+
+def ask(text: str) -> list[Message]:
+    return [Message("user", text)]
+
+
+def run_alone(engine, messages, params) -> Reply:
+    scheduler = Scheduler(engine)
+    try:
+        reply = Reply()
+        scheduler.submit(messages, params, reply)
+        assert reply.done.wait(120)
+        return reply
+    finally:
+        scheduler.stop()
+
+
+def test_requests_joining_and_leaving_a_running_batch_get_exactly_their_solo_replies(engine, scheduler):
+    requests = [
+        (ask("Tell me a long story about a lighthouse."), SamplingParams(temperature=0, max_tokens=40)),
+        (ask("What is two plus two?"), SamplingParams(temperature=0, max_tokens=7)),
+        (ask("Name a colour."), SamplingParams(temperature=0.8, seed=11, max_tokens=15)),
+        (ask("Say something short."), SamplingParams(temperature=0, max_tokens=25, stop=("e",))),
+    ]
+    alone = [run_alone(engine, m, p) for m, p in requests]
+    engine.paged.drop_cached()
+
+    running_seen: list[int] = []
+    replies = [Reply(lambda r, e: running_seen.append(scheduler.running)) for _ in requests]
+    scheduler.submit(*requests[0], replies[0])
+    assert replies[0].first.wait(60)  # the first is streaming when the others join
+    for (messages, params), reply in zip(requests[1:], replies[1:]):
+        scheduler.submit(messages, params, reply)
+    assert all(r.done.wait(120) for r in replies)
+
+    assert max(running_seen) >= 3  # they really shared steps
+    for solo, batched in zip(alone, replies):
+        assert isinstance(batched.last, Finished)
+        assert batched.text == solo.text
+        assert batched.last.reason == solo.last.reason
+        assert batched.last.usage.completion_tokens == solo.last.usage.completion_tokens
+    assert engine.paged.usage() == 0
+
+
+def test_when_the_cache_is_full_a_request_waits_then_runs(tiny_original):
+    # Room for 12 full blocks (192 positions) beside the window blocks of 2 sequences.
+    engine = make_engine(tiny_original, max_batch=2, step_tokens=32, kv_cache_memory=_budget(tiny_original, 12, 2, 32))
+    scheduler = Scheduler(engine)
+    try:
+        assert engine.paged.capacity_tokens() == 12 * BLOCK
+        params = SamplingParams(temperature=0, max_tokens=100)  # a 68-token prompt + 100: 11 of the 12 blocks
+        second, handles = Reply(), {}
+
+        def submit_second_once(reply, event):  # on the engine thread, while the first is surely running
+            if "second" not in handles:
+                handles["second"] = scheduler.submit(ask("ho"), params, second)
+
+        first = Reply(submit_second_once)
+        handles["first"] = scheduler.submit(ask("hi"), params, first)
+        assert first.done.wait(120) and second.done.wait(120)
+        assert isinstance(first.last, Finished) and isinstance(second.last, Finished)
+        assert handles["second"].started_at >= handles["first"].finished_at  # it ran once the first freed its blocks
+        assert scheduler.waiting == 0 and engine.paged.usage() == 0
+    finally:
+        scheduler.stop()
+
+
+def test_a_request_that_could_never_fit_is_refused_at_once_and_others_go_on(tiny_original):
+    engine = make_engine(tiny_original, max_batch=2, step_tokens=32, kv_cache_memory=_budget(tiny_original, 12, 2, 32))
+    scheduler = Scheduler(engine)
+    try:
+        too_big, fine = Reply(), Reply()
+        scheduler.submit(ask("hi"), SamplingParams(temperature=0, max_tokens=500), too_big)
+        scheduler.submit(ask("hi"), SamplingParams(temperature=0, max_tokens=5), fine)
+        assert too_big.done.wait(60) and fine.done.wait(60)
+        assert too_big.events == [too_big.last] and isinstance(too_big.last, InvalidRequest)
+        assert "KV cache holds 192" in str(too_big.last) and "max_tokens" in str(too_big.last)
+        assert isinstance(fine.last, Finished)
+    finally:
+        scheduler.stop()
+
+
+def test_the_next_turn_of_a_chat_reuses_the_cached_history_and_replies_as_a_cold_start(engine, scheduler):
+    params = SamplingParams(temperature=0, max_tokens=12)
+    history = [Message("user", "Let us plan a trip to the mountains, with a long list of things to pack.")]
+    reused, prompts = [], []
+    for turn in range(3):
+        reply = Reply()
+        handle = scheduler.submit(history, params, reply)
+        assert reply.done.wait(60)
+        reused.append(handle.reused_tokens)
+        prompts.append(handle.prompt_tokens)
+        answer = "".join(text for kind, text in reply.text if kind == "ContentDelta") or "ok"
+        history = history + [Message("assistant", answer), Message("user", f"And on day {turn + 2}?")]
+    assert reused[0] == 0
+    # Each later turn finds at least the whole blocks of the previous turn's prompt.
+    assert reused[1] >= prompts[0] // BLOCK * BLOCK > 0
+    assert reused[2] >= prompts[1] // BLOCK * BLOCK > reused[1]
+
+    warm = run_alone(engine, history, params)
+    engine.paged.drop_cached()
+    cold_scheduler = Scheduler(engine)
+    try:
+        cold = Reply()
+        handle = cold_scheduler.submit(history, params, cold)
+        assert cold.done.wait(60) and handle.reused_tokens == 0
+    finally:
+        cold_scheduler.stop()
+    assert warm.text == cold.text
+
+
+def test_a_thousand_cancelled_requests_leave_only_reusable_prefix_blocks(tiny_original):
+    engine = make_engine(tiny_original, max_batch=32, step_tokens=96)
+    scheduler = Scheduler(engine)
+    try:
+        replies = [Reply() for _ in range(1000)]
+        handles = [
+            scheduler.submit(ask(f"question number {i}"), SamplingParams(temperature=0, max_tokens=200), reply)
+            for i, reply in enumerate(replies)
+        ]
+        # Cancel each at a different point: before it starts, in its prompt, after 1 to 3 tokens.
+        pending = set(range(1000))
+        while pending:
+            for i in list(pending):
+                handle = handles[i]
+                if i % 5 == 0 or (i % 5 == 1 and handle.started_at) or handle.generated_tokens >= i % 5 - 1:
+                    handle.cancel()
+                    pending.discard(i)
+            time.sleep(0.001)
+        assert all(r.done.wait(300) for r in replies)
+        assert all(isinstance(r.last, Finished) for r in replies)
+        assert sum(r.last.reason == "cancelled" for r in replies) >= 900  # a few may end on their own first
+
+        cache = engine.paged
+        for pool in (cache.full_pool, cache.window_pool):
+            assert pool.referenced() == 0 and all(refs == 0 for refs in pool.refs)
+            assert len(pool.free) + len(pool.cached) == pool.num_blocks
+            assert set(pool.cached) == set(pool.key_of) and len(pool.by_key) == len(pool.cached)  # all findable
+        assert cache.outstanding() == (0, 0) and cache.usage() == 0 and cache.sequences == {}
+        assert len(cache.full_pool.cached) > 0  # the shared system prompt, for one
+        again = Reply()
+        handle = scheduler.submit(ask("question number 1"), SamplingParams(temperature=0, max_tokens=2), again)
+        assert again.done.wait(60) and handle.reused_tokens > 0
+    finally:
+        scheduler.stop()
+
+
+def test_a_long_prompt_is_read_in_chunks_while_other_streams_keep_producing(engine, scheduler):
+    streaming = Reply()
+    a = scheduler.submit(ask("Tell me about rivers."), SamplingParams(temperature=0, max_tokens=200), streaming)
+    assert streaming.first.wait(60)
+    seen: dict[str, int] = {}
+    long_reply = Reply(lambda r, e: seen.setdefault("at_first_token", a.generated_tokens))
+    seen["at_submit"] = a.generated_tokens
+    scheduler.submit(ask("word " * 600), SamplingParams(temperature=0, max_tokens=3), long_reply)
+    assert long_reply.done.wait(120)
+    a.cancel()
+    assert streaming.done.wait(60)
+    # 600 prompt tokens at most 32 a step (one of them the running stream's) take 20 steps or more: the
+    # running stream got a token in each.
+    if not streaming.done.is_set() or streaming.last.usage.completion_tokens >= 200:
+        pytest.fail("the streaming request ended before the long prompt was read; give it more tokens")
+    assert seen["at_first_token"] - seen["at_submit"] >= 15
+
+
+def _budget(checkpoint, full_blocks: int, max_batch: int, step_tokens: int) -> str:
+    """A kv-cache-memory setting giving exactly `full_blocks` full-attention blocks to the tiny model."""
+    from kubrick.engine.config import ModelConfig  # noqa: F401  (the tiny preset's shape, read from the checkpoint)
+    from kubrick.engine.checkpoint import load_checkpoint
+
+    config, _ = load_checkpoint(checkpoint)
+    sliding = sum(config.is_sliding(n) for n in range(config.num_hidden_layers))
+    full = PagedKVCache.block_bytes(config.num_hidden_layers - sliding, config.num_key_value_heads, config.head_dim, BLOCK)
+    window = PagedKVCache.block_bytes(sliding, config.num_key_value_heads, config.head_dim, BLOCK)
+    span = -(-(config.sliding_window + step_tokens) // BLOCK) + 1
+    return f"{full_blocks * full + 2 * max_batch * span * window}B"
