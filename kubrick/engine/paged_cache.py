@@ -144,8 +144,9 @@ class PagedKVCache:
         self.keys, self.values = [], []
         for is_sliding in sliding:  # one [blocks, block_size, kv_heads, head_dim] tensor per layer
             shape = shape_window if is_sliding else shape_full
-            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
+            # empty, not zeros: only written positions are ever read, and untouched pages cost no memory on a CPU
+            self.keys.append(torch.empty(shape, dtype=dtype, device=device))
+            self.values.append(torch.empty(shape, dtype=dtype, device=device))
         self.sequences: dict[int, SequenceBlocks] = {}  # admitted and not yet released, by id()
         self.prefix_reuse = True  # off: every prompt is computed in full (to measure what reuse saves)
 

@@ -87,6 +87,7 @@ class Scheduler:
         self.batching = getattr(engine, "paged", None) is not None
         self._waiting: deque[RequestHandle] = deque()
         self._running: list = []  # RequestHandles (one at a time) or _Active requests (batched)
+        self._prepared: dict[int, tuple] = {}  # the queue head's (prompt, params) while it waits for room
         self._lock = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
@@ -166,7 +167,9 @@ class Scheduler:
                     self._pop(handle)
                     self._finish(handle, Finished(Usage(0, 0, 0.0, 0.0), reason="cancelled"))
                     continue
-                prompt, params = engine.prepare(handle.messages, handle.params)
+                if handle.id not in self._prepared:  # rendered once, however long it waits at the head
+                    self._prepared[handle.id] = engine.prepare(handle.messages, handle.params)
+                prompt, params = self._prepared[handle.id]
                 positions = min(len(prompt) + params.max_tokens - 1, engine.context_length - 1)
                 if not cache.fits_ever(positions, engine.step_tokens):
                     raise InvalidRequest(
@@ -188,6 +191,7 @@ class Scheduler:
                 self._running.append(_Active(handle, prompt, params, seq, engine.stop_tokens))
 
     def _pop(self, handle: RequestHandle) -> None:
+        self._prepared.pop(handle.id, None)
         with self._lock:
             if self._waiting and self._waiting[0] is handle:
                 self._waiting.popleft()
