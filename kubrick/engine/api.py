@@ -129,6 +129,13 @@ def parse_messages(value: object) -> list[Message]:
             raise InvalidRequest(f"message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise InvalidRequest(f'message {i}: "content" must be a string')
+        try:  # JSON can spell a lone UTF-16 surrogate ("\udce9"); it is not text, and the chat format refuses it
+            content.encode("utf-8")
+        except UnicodeEncodeError as err:
+            bad = ord(content[err.start])
+            raise InvalidRequest(
+                f'message {i}: "content" holds a lone surrogate (\\u{bad:04x}), which is not text; send valid Unicode'
+            ) from None
         messages.append(Message(role=role, content=content))
     return messages
 

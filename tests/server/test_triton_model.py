@@ -96,6 +96,8 @@ BAD_REQUESTS = {
     "temperature is a word": (messages("hi"), {"temperature": "hot"}, "temperature"),
     "max_tokens negative": (messages("hi"), {"max_tokens": -3}, "max_tokens"),
     "top_p out of range": (messages("hi"), {"top_p": 7}, "top_p"),
+    # json.loads turns "\\udce9" into a lone surrogate; harmony refuses it, and that once killed the engine thread
+    "content with a lone surrogate": ('[{"role": "user", "content": "caf\\udce9"}]', {}, "lone surrogate (\\udce9)"),
     "prompt beyond the context": (messages("word " * (TEST_CONTEXT_LENGTH * 2)), {}, "context"),
 }
 
