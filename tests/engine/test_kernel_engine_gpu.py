@@ -1,15 +1,22 @@
-"""The kernel engine on a GPU: what Engine runs there by default, and greedy tokens equal to the reference's.
+"""The kernel engine on a GPU: what Engine runs there by default, and greedy tokens against the reference's.
 
-A random model's logits are flat at the top (201,088 near-Gaussian logits: the best two are often a few
-hundredths of their spread apart), and bf16 activations through 24 layers round differently in the kernels
-than in the reference, so a greedy pick may flip where the reference barely prefers one token. Such a flip
-is accepted as a near-tie when the reference's own gap between the two tokens is within NEAR_TIE_SIGMAS
-standard deviations of the difference of two logits' errors at that step: gap <= 4 x sqrt(2) x RMS(kernel
-logits - reference logits); 4, not 3, because the kernels' pick is the candidate whose error came out
-highest among the several tokens near the top, so its error sits in the tail. A flip with a larger gap means one logit is off far beyond the rest: a real
-error, and the test fails. The error level itself is bounded separately (ERROR_BOUND, norm-wise relative),
-so "near" cannot grow with a broken kernel. Measured on the H100 (random 20b, 700-token prompt): see
-/tmp/kubrick-bench/engine_gpu.md.
+The random 20b model is chaotic: one rounding anywhere moves its logits a lot. Seen on the H100 (random 20b,
+seed 0, 700-token prompt): the reference against itself, only its prefill chunking changed (one chunk of 700
+instead of 512 + 188), gives logits 25 % apart (norm-wise) and another greedy pick on the first token; the
+kernels against the reference: median 21 % over 65 steps, 26 of 65 picks equal, first divergence at step 0
+with the reference preferring its token by 0.19 (logits' RMS 1.0). So "equal for 64 tokens" cannot hold on
+random weights for any two correct bf16 implementations, the reference included. What is checked instead:
+
+* calibration: the kernels' logits are typically (median over the steps) no farther from the reference's
+  than 2x the reference's own distance to itself with the other prefill chunking, step by step on the same
+  tokens, or 5 % where that distance is ~0 (a model that is not chaotic: the tiny one on a CPU gives 1.8 %);
+  a wrong kernel lands near sqrt(2) (unrelated logits), far above;
+* every flip of a greedy pick is a near-tie: the reference's gap between its token and the kernels' is within
+  NEAR_TIE_SIGMAS standard deviations of the difference of two logits' errors at that step, i.e.
+  gap <= 4 x sqrt(2) x RMS(kernel logits - reference logits). 4, not 3, because the kernels' pick is the
+  candidate whose error came out highest among the several tokens near the top. A flip with a larger gap
+  means one logit is off far beyond the rest (e.g. a wrong row of the unembedding): the test fails.
+The figures print with -s (bench_gpu.sh does).
 """
 
 from __future__ import annotations
@@ -24,9 +31,8 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 NEAR_TIE_SIGMAS = 4  # see the module docstring
-# Norm-wise relative error of the kernels' logits against the reference's, for 7 of 8 steps (a router near-tie
-# that sends one token to another expert moves that step's logits further; the bound on the rest still holds).
-ERROR_BOUND = 0.25
+NOISE_FACTOR = 2  # kernels' median logit error <= this x the reference's own (other chunking) median
+NOISE_FLOOR = 0.05  # ... or this, the kernels' whole-model bound where the model is not chaotic (tests/kernels)
 STEPS = 64  # greedy tokens compared after the prompt's own pick
 
 
@@ -68,46 +74,51 @@ def test_engine_on_a_gpu_runs_the_kernels_with_a_cuda_graph(tiny_original, monke
     assert reference.implementation == "reference" and isinstance(reference.model, Transformer)
 
 
-def test_kernel_engine_greedy_tokens_equal_the_reference_at_20b(checkpoint_20b):
+def test_kernel_engine_greedy_tokens_follow_the_reference_at_20b(checkpoint_20b):
     from kubrick.engine.checkpoint import load_checkpoint
     from kubrick.engine.fast_model import GraphedFastTransformer
     from kubrick.engine.model import Transformer
 
     config, weights = load_checkpoint(checkpoint_20b, "cuda")
     reference, kernels = Transformer(config, weights), GraphedFastTransformer(config, weights)
-    # 700 prompt tokens in the engine's 512-token chunks: the second chunk starts mid-cache, past the window.
     prompt = torch.randint(0, 199_998, (700,), generator=torch.Generator().manual_seed(11)).cuda()
-    ref_cache, kernel_cache = reference.new_cache(1024), kernels.new_cache(1024)  # the latter captures the graph
+    # The kernel engine and the reference take the prompt in the engine's 512-token chunks (the second chunk
+    # starts mid-cache, past the window); the reference's twin takes it in one chunk: same math, other rounding.
+    ref_cache, kernel_cache, twin_cache = reference.new_cache(1024), kernels.new_cache(1024), reference.new_cache(1024)
     for chunk in torch.split(prompt, 512):
-        expected, got = reference(chunk, ref_cache), kernels(chunk, kernel_cache)
-    # For scale: the reference against itself with other matmul shapes (the prompt in one chunk).
-    alone = reference(prompt, reference.new_cache(701))[-1].float()
-    print(f"\nreference, one chunk vs two: logit rel. error {((alone - expected[-1]).norm() / expected[-1].norm()).item():.4f}, "
-          f"picks {int(alone.argmax())} vs {int(expected[-1].argmax())}")
+        expected, got = reference(chunk, ref_cache), kernels(chunk, kernel_cache)  # kernels: graph captured on new_cache
+    twin = reference(prompt, twin_cache)
 
-    # The reference decodes greedily on its own tokens; the kernel engine is fed the same tokens (so up to the
-    # first disagreement this is exactly its own greedy run) and every pick of it is checked.
-    steps = []  # (step, relative error, kernel pick, reference pick, reference gap, allowed gap)
+    def rel(a, b) -> float:
+        return ((a - b).norm() / b.norm()).item()
+
+    # The reference decodes greedily on its own tokens; the kernel engine and the twin are fed the same tokens
+    # (so up to its first disagreement this is exactly the kernel engine's own greedy run), every pick checked.
+    steps = []  # (step, kernels' rel. error, twin's rel. error, kernels' pick, twin's pick, reference's, gap, allowed)
     for step in range(STEPS + 1):
-        expected, got = expected[-1].float(), got[-1].float()
+        expected, got, twin = expected[-1].float(), got[-1].float(), twin[-1].float()
         diff = got - expected
         mine, theirs = int(got.argmax()), int(expected.argmax())
         gap = (expected[theirs] - expected[mine]).item()
         allowed = NEAR_TIE_SIGMAS * math.sqrt(2) * diff.pow(2).mean().sqrt().item()
-        steps.append((step, (diff.norm() / expected.norm()).item(), mine, theirs, gap, allowed))
+        steps.append((step, rel(got, expected), rel(twin, expected), mine, int(twin.argmax()), theirs, gap, allowed))
         if step == STEPS:
             break
         token = torch.tensor([theirs], device="cuda")
-        expected, got = reference(token, ref_cache), kernels(token, kernel_cache)
+        expected, got, twin = reference(token, ref_cache), kernels(token, kernel_cache), reference(token, twin_cache)
 
-    errors = [e for _, e, *_ in steps]
-    flips = [s for s in steps if s[2] != s[3]]
-    first = flips[0][0] if flips else None
-    print(f"\ngreedy picks agreed {len(steps) - len(flips)}/{len(steps)}; first divergence at step {first}; "
-          f"logit rel. errors median {sorted(errors)[len(errors) // 2]:.4f} max {max(errors):.4f}; flips "
-          + ", ".join(f"step {s}: gap {g:.4f} (allowed {a:.4f})" for s, _, _, _, g, a in flips))
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    errors, noise = [s[1] for s in steps], [s[2] for s in steps]
+    flips = [s for s in steps if s[3] != s[5]]
+    print(f"\nkernels vs reference: picks agreed {len(steps) - len(flips)}/{len(steps)}, first divergence at step "
+          f"{flips[0][0] if flips else None}, logit rel. error median {median(errors):.4f} max {max(errors):.4f}"
+          f"\nreference vs its one-chunk twin: picks agreed {sum(s[4] == s[5] for s in steps)}/{len(steps)}, "
+          f"logit rel. error median {median(noise):.4f} max {max(noise):.4f}"
+          "\nflips (reference gap, allowed): " + ", ".join(f"{s[0]}: {s[6]:.4f} ({s[7]:.4f})" for s in flips))
     assert all(math.isfinite(e) for e in errors), errors  # NaN never passes
-    assert sum(e <= ERROR_BOUND for e in errors) >= len(errors) - len(errors) // 8 and max(errors) < 1.0, errors
-    for step, _, mine, theirs, gap, allowed in flips:
+    assert median(errors) <= max(NOISE_FACTOR * median(noise), NOISE_FLOOR), (median(errors), median(noise))
+    for step, _, _, mine, _, theirs, gap, allowed in flips:
         assert gap <= allowed, f"step {step}: the reference prefers {theirs} over the kernels' {mine} by {gap:.4f}; not a near-tie"
-    assert kernel_cache.length == ref_cache.length == 700 + STEPS
+    assert kernel_cache.length == ref_cache.length == twin_cache.length == 700 + STEPS
