@@ -10,10 +10,30 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 from kubrick.errors import KubrickError
 
+class _HelpFlagMixin:
+    """--help takes no value, so its row in the help shows no type (typer would print <bool>)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_HelpFlagMixin, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_HelpFlagMixin, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=False,
     invoke_without_command=True,
@@ -67,7 +87,7 @@ def chat(
     raise typer.Exit(run_chat(options))
 
 
-@app.command("config")
+@app.command("config", cls=_Command)
 def config_command(
     triton_url: Optional[str] = typer.Option(None, "--triton-url", metavar="URL", help="Show the effective values as if this flag were given."),
     model_name: Optional[str] = typer.Option(None, "--model-name", metavar="NAME", help="Show the effective values as if this flag were given."),
@@ -78,7 +98,7 @@ def config_command(
     show_config(triton_url=triton_url, model_name=model_name)
 
 
-@app.command("serve")
+@app.command("serve", cls=_Command)
 def serve_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="PATH", help="gpt-oss checkpoint folder \\[env TRITON_CHECKPOINT; default ./models/gpt-oss-20b if it holds one, else the embedded random model]"),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", help="Where the engine runs: cpu, cuda or cuda:N \\[env TRITON_DEVICE; default cuda:0 when a GPU is there, else cpu]"),
@@ -108,7 +128,7 @@ def serve_command(
     )
 
 
-@app.command("make-checkpoint")
+@app.command("make-checkpoint", cls=_Command)
 def make_checkpoint_command(
     out: Path = typer.Argument(..., metavar="OUT", help="Folder to write the checkpoint into (created; must be empty or absent)."),
     layout: str = typer.Option("original", "--layout", metavar="original|hf", help="original (gpt-oss's own files) or hf (Hugging Face)."),
