@@ -154,6 +154,11 @@ class TritonClient:
         """GET /v2/health/live; raises ServerUnreachable if nobody answers or the server is not live."""
         try:
             response = self._http.get("/v2/health/live", timeout=httpx.Timeout(CONNECT_TIMEOUT_S))
+        except httpx.RemoteProtocolError as err:  # something listens, but not an HTTP/1.1 server (gRPC, say)
+            raise ServerUnreachable(
+                f"the server at {self.url} does not answer HTTP ({err}); is that Triton's gRPC port? "
+                "use its HTTP port (8000 unless `kubrick serve --http-port` moved it)"
+            ) from None
         except httpx.TransportError as err:
             raise self._unreachable(err) from None
         if response.status_code != 200:
@@ -238,4 +243,9 @@ class TritonClient:
             models = self.list_models()
             if self.model_name not in models:
                 return self._unknown_model(models)
+        if response.status_code in (405, 501):  # e.g. Triton's metrics port, which answers GET but not POST
+            return ServerError(
+                f"the server at {self.url} does not take generate_stream requests (HTTP {response.status_code}: "
+                f"{detail}); is that Triton's HTTP port? `kubrick serve` prints the URL to use"
+            )
         return ServerError(f"the server refused the request (HTTP {response.status_code}): {detail}")

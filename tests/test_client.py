@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -191,3 +193,59 @@ def test_closing_the_stream_early_disconnects_so_the_server_can_cancel():
         assert isinstance(next(stream), Chunk)
         stream.close()
         assert server.disconnected.wait(timeout=10)
+
+
+class _GetOnly(BaseHTTPRequestHandler):
+    """Like Triton's metrics port: answers any GET, refuses POST."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        self.send_error(405, "Method Not Allowed")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_port_that_answers_get_but_not_post_is_named_as_probably_the_wrong_port():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GetOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with TritonClient(url, "m") as client:
+            client.check_health()
+            with pytest.raises(ServerError) as caught:
+                list(client.generate_stream(MESSAGES, {}))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "HTTP 405" in str(caught.value) and "is that Triton's HTTP port?" in str(caught.value)
+
+
+def test_a_port_that_does_not_speak_http_is_named_as_probably_the_grpc_port():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer_like_http2():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64")  # an HTTP/2 SETTINGS frame
+
+    threading.Thread(target=answer_like_http2, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with TritonClient(url, "m") as client:
+            with pytest.raises(ServerUnreachable) as caught:
+                client.check_health()
+    finally:
+        listener.close()
+    assert url in str(caught.value) and "gRPC port" in str(caught.value)
