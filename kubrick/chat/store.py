@@ -58,11 +58,23 @@ class Conversation:
         return {"format": FORMAT_VERSION, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Conversation":
+    def from_json(cls, data: Any) -> "Conversation":
+        """A conversation from its file, or ValueError saying what is wrong (a wrong file must not pass as an
+        empty conversation)."""
+        if not isinstance(data, dict) or "messages" not in data:
+            raise ValueError('not a kubrick conversation (expected a JSON object with "messages")')
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         conversation = cls(**known)
         if not isinstance(conversation.messages, list):
             raise ValueError("messages is not a list")
+        for i, message in enumerate(conversation.messages):
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+                raise ValueError(f'message {i} is not an object with role "user" or "assistant"')
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"message {i} has no text content")
+        for name in ("id", "name", "created", "updated", "model", "system"):
+            if not isinstance(getattr(conversation, name), str):
+                raise ValueError(f"{name} is not a string")
         return conversation
 
 

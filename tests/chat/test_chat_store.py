@@ -84,3 +84,21 @@ def test_killing_kubrick_during_saves_never_leaves_a_broken_file(tmp_path):
         assert data["messages"][0]["content"].startswith("version ")
     store = ConversationStore(tmp_path)
     assert [c.id for c in store.recent()] == ["20260101-000000-kill"]  # leftover temp files are not listed
+
+
+@pytest.mark.parametrize("text,why", [
+    ("[]", "not a kubrick conversation"),
+    ("{}", "not a kubrick conversation"),
+    ('{"messages": [1]}', "message 0 is not an object"),
+    ('{"messages": [{"role": "wizard", "content": "x"}]}', "message 0 is not an object with role"),
+    ('{"messages": [{"role": "user"}]}', "message 0 has no text content"),
+    ('{"messages": [], "system": 5}', "system is not a string"),
+])
+def test_a_file_that_is_not_a_conversation_is_refused_not_loaded_empty(tmp_path, text, why):
+    # loading [] once gave an empty conversation: the person thought they continued one
+    path = tmp_path / "other.json"
+    path.write_text(text)
+    with pytest.raises(KubrickError) as caught:
+        ConversationStore(tmp_path / "conversations").load(str(path))
+    assert str(caught.value).startswith(f"cannot read conversation {path}: {why}")
+    assert path.read_text() == text
