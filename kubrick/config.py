@@ -50,19 +50,24 @@ def normalize_url(value: str) -> str:
     return url.rstrip("/")
 
 
+def _shown(value: Any) -> str:
+    """A bad value as the person wrote it: JSON's null/true/false, not Python's None/True/False."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+
+
 def _float_in(low: float, high: float | None, low_open: bool = False) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
+            raise ValueError(f"expected a number, got {_shown(value)}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
+            raise ValueError(f"expected a number, got {_shown(value)}") from None
         if number != number or number in (float("inf"), float("-inf")):
-            raise ValueError(f"expected a finite number, got {value!r}")
+            raise ValueError(f"expected a finite number, got {_shown(value)}")
         if (number <= low if low_open else number < low) or (high is not None and number > high):
             bound = f"({low}, {high}]" if low_open else (f"[{low}, {high}]" if high is not None else f"{low} or more")
-            raise ValueError(f"expected {bound}, got {value!r}")
+            raise ValueError(f"expected {bound}, got {_shown(value)}")
         return number
 
     return check
@@ -71,13 +76,13 @@ def _float_in(low: float, high: float | None, low_open: bool = False) -> Callabl
 def _int_at_least(low: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"expected a whole number, got {value!r}")
+            raise ValueError(f"expected a whole number, got {_shown(value)}")
         try:
             number = int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"expected a whole number, got {value!r}") from None
+            raise ValueError(f"expected a whole number, got {_shown(value)}") from None
         if number < low:
-            raise ValueError(f"expected {low} or more, got {value!r}")
+            raise ValueError(f"expected {low} or more, got {_shown(value)}")
         return number
 
     return check
@@ -87,23 +92,23 @@ def _optional_int(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(f"expected a whole number, got {value!r}")
+        raise ValueError(f"expected a whole number, got {_shown(value)}")
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a whole number or none, got {value!r}") from None
+        raise ValueError(f"expected a whole number or none, got {_shown(value)}") from None
 
 
 def _effort(value: Any) -> str:
     effort = str(value).strip().lower()
     if effort not in REASONING_EFFORTS:
-        raise ValueError(f"expected low, medium or high, got {value!r}")
+        raise ValueError(f"expected low, medium or high, got {_shown(value)}")
     return effort
 
 
 def _text(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
+        raise ValueError(f"expected a string, got {_shown(value)}")
     return value
 
 
@@ -122,7 +127,7 @@ def _bool(value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise ValueError(f"expected true or false, got {_shown(value)}")
 
 
 def _url(value: Any) -> str:

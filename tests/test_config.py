@@ -119,3 +119,11 @@ def test_unusable_url_is_one_line_before_any_connection(kubrick_home, url):
     assert result.stderr.startswith("kubrick: error: flag --triton-url: bad triton_url:")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_a_null_or_boolean_in_the_file_is_quoted_as_json(kubrick_home):
+    write_config(kubrick_home, '{"temperature": null, "max_tokens": true}')
+    with pytest.raises(KubrickError) as caught:
+        resolve_settings({}, environ={})
+    assert "expected a number, got null" in str(caught.value) or "got true" in str(caught.value)
+    assert "None" not in str(caught.value) and "True" not in str(caught.value)
