@@ -51,7 +51,15 @@ def test_repl_asks_the_real_server_and_shows_the_reply(triton_server, tmp_path):
         k.wait_for("›")
         k.type("What is Kubrick?")
         k.keys("Enter")
-        k.wait_for("tokens", after="What is Kubrick?", timeout=300)  # the usage line after a finished reply
+        screen = k.wait_for("tokens", after="What is Kubrick?", timeout=300)  # the usage line after a finished reply
+        # The footer's rate is the engine's own (the engine holds text back and sends it in bursts, so a
+        # client-side count over the streaming time once read as thousands of tokens a second)
+        (saved,) = (tmp_path / "home" / "conversations").glob("*.json")
+        usage = json.loads(saved.read_text())["messages"][-1]["usage"]
+        footer = next(line for line in reversed(screen.splitlines()) if "tokens ·" in line)
+        assert footer.startswith(f"{usage['completion_tokens']} tokens · first token ")
+        if usage["completion_tokens"] > 1:
+            assert f"{usage['tokens_per_s']:.1f} tok/s" in footer
         k.type("/exit")
         k.keys("Enter")
         assert k.exit_status() == 0
