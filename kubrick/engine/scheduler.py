@@ -147,8 +147,9 @@ class Scheduler:
                 self._end(active, "cancelled")
             self._admit()
             if not self._running:
-                with self._lock:  # the queue's head waits for room that only a finishing request frees
-                    self._lock.wait(0.05)
+                with self._lock:  # a head that found no room waits for a finishing request (or a new one)
+                    if self._waiting and self._waiting[0].id in self._prepared and not self._stopping:
+                        self._lock.wait(0.05)
                 continue
             self._step()
         for active in list(self._running):
@@ -156,20 +157,40 @@ class Scheduler:
 
     def _admit(self) -> None:
         """First come, first served, while the paged cache can promise a request all the blocks it may need."""
+        self._sweep_queue()
         engine, cache = self.engine, self.engine.paged
         while len(self._running) < engine.max_batch:
             with self._lock:
                 if not self._waiting:
                     return
                 handle = self._waiting[0]
+            if handle.id not in self._prepared:  # arrived after the sweep: next step
+                return
+            prompt, params, positions = self._prepared[handle.id]
+            seq = cache.admit(prompt, positions, engine.step_tokens)
+            if seq is None:
+                return  # no room now: it waits (and everyone behind it) until a running request frees blocks
+            self._remove_waiting(handle)
+            handle.started_at = time.monotonic()
+            handle.prompt_tokens, handle.reused_tokens = len(prompt), seq.reused
+            with self._lock:
+                self._running.append(_Active(handle, prompt, params, seq, engine.stop_tokens))
+
+    def _sweep_queue(self) -> None:
+        """Answer at once, wherever they wait: cancelled requests, bad ones, and ones that could never fit.
+        The others are checked and rendered once, however long they wait."""
+        engine, cache = self.engine, self.engine.paged
+        with self._lock:
+            waiting = list(self._waiting)
+        for handle in waiting:
+            if handle.cancelled:  # the engine never sees it
+                self._remove_waiting(handle)
+                self._finish(handle, Finished(Usage(0, 0, 0.0, 0.0), reason="cancelled"))
+                continue
+            if handle.id in self._prepared:
+                continue
             try:
-                if handle.cancelled:  # cancelled while it waited: the engine never sees it
-                    self._pop(handle)
-                    self._finish(handle, Finished(Usage(0, 0, 0.0, 0.0), reason="cancelled"))
-                    continue
-                if handle.id not in self._prepared:  # rendered once, however long it waits at the head
-                    self._prepared[handle.id] = engine.prepare(handle.messages, handle.params)
-                prompt, params = self._prepared[handle.id]
+                prompt, params = engine.prepare(handle.messages, handle.params)
                 positions = min(len(prompt) + params.max_tokens - 1, engine.context_length - 1)
                 if not cache.fits_ever(positions, engine.step_tokens):
                     raise InvalidRequest(
@@ -178,23 +199,18 @@ class Scheduler:
                         "lower max_tokens, shorten the conversation, or raise --kv-cache-memory"
                     )
             except EngineError as err:  # InvalidRequest included: worded for a person already
-                self._pop(handle)
+                self._remove_waiting(handle)
                 self._finish(handle, err)
                 continue
-            seq = cache.admit(prompt, positions, engine.step_tokens)
-            if seq is None:
-                return  # no room now: it waits (and everyone behind it) until a running request frees blocks
-            self._pop(handle)
-            handle.started_at = time.monotonic()
-            handle.prompt_tokens, handle.reused_tokens = len(prompt), seq.reused
-            with self._lock:
-                self._running.append(_Active(handle, prompt, params, seq, engine.stop_tokens))
+            self._prepared[handle.id] = (prompt, params, positions)
 
-    def _pop(self, handle: RequestHandle) -> None:
+    def _remove_waiting(self, handle: RequestHandle) -> None:
         self._prepared.pop(handle.id, None)
         with self._lock:
-            if self._waiting and self._waiting[0] is handle:
-                self._waiting.popleft()
+            for i, waiting in enumerate(self._waiting):
+                if waiting is handle:
+                    del self._waiting[i]
+                    break
 
     def _plan(self) -> list[tuple[_Active, list[int]]]:
         """This step's work: a decode token for each request past its prompt, then prompt chunks, in order."""

@@ -131,17 +131,25 @@ def test_when_the_cache_is_full_a_request_waits_then_runs(tiny_original):
         scheduler.stop()
 
 
-def test_a_request_that_could_never_fit_is_refused_at_once_and_others_go_on(tiny_original):
+def test_a_request_that_could_never_fit_is_refused_at_once_even_behind_waiting_ones(tiny_original):
     engine = make_engine(tiny_original, max_batch=2, step_tokens=32, kv_cache_memory=_budget(tiny_original, 12, 2, 32))
     scheduler = Scheduler(engine)
     try:
-        too_big, fine = Reply(), Reply()
-        scheduler.submit(ask("hi"), SamplingParams(temperature=0, max_tokens=500), too_big)
-        scheduler.submit(ask("hi"), SamplingParams(temperature=0, max_tokens=5), fine)
-        assert too_big.done.wait(60) and fine.done.wait(60)
+        params = SamplingParams(temperature=0, max_tokens=100)  # 11 of the 12 blocks: the next one must wait
+        waiting, too_big, handles = Reply(), Reply(), {}
+
+        def submit_the_others_once(reply, event):  # on the engine thread, while the first surely runs
+            if not handles:
+                handles["waiting"] = scheduler.submit(ask("ho"), params, waiting)
+                handles["too big"] = scheduler.submit(ask("hi"), SamplingParams(temperature=0, max_tokens=500), too_big)
+
+        first = Reply(submit_the_others_once)
+        scheduler.submit(ask("hi"), params, first)
+        assert first.done.wait(120) and waiting.done.wait(120) and too_big.done.wait(60)
         assert too_big.events == [too_big.last] and isinstance(too_big.last, InvalidRequest)
         assert "KV cache holds 192" in str(too_big.last) and "max_tokens" in str(too_big.last)
-        assert isinstance(fine.last, Finished)
+        assert handles["too big"].finished_at < handles["waiting"].started_at  # told at once, not after a wait
+        assert isinstance(waiting.last, Finished)
     finally:
         scheduler.stop()
 
