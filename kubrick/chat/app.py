@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from dataclasses import dataclass
 
@@ -88,7 +89,12 @@ def _answer_once(session, question: str, json_output: bool) -> int:
                                 show_errors=False)
     else:
         renderer = PlainRenderer()
-    result = session.ask(question, renderer)
+    try:
+        result = session.ask(question, renderer)
+    except OSError as err:
+        if err.errno == errno.EPIPE:
+            raise  # `kubrick -p … | head`: the reader left; click exits quietly
+        raise KubrickError(f"cannot write the answer to stdout: {err.strerror or err}") from None
     if result.status == "cancelled":
         return 130
     if result.error is not None:

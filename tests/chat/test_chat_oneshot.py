@@ -168,3 +168,14 @@ def test_a_conversation_folder_that_cannot_be_written_is_one_line(server, tmp_pa
     assert result.returncode == 1
     assert result.stderr.startswith("kubrick: error: cannot save the conversation in ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_answer_that_cannot_be_written_is_one_line_on_stderr(server, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "KUBRICK_"))}
+    env["KUBRICK_HOME"] = str(tmp_path)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "kubrick.cli", "-p", "hi", "--triton-url", server.url],
+                                stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "kubrick: error: cannot write the answer to stdout: No space left on device\n"
