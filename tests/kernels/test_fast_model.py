@@ -131,18 +131,19 @@ def _prefilled_batch(model, config, prompts):
 
 
 def test_batched_decode_equals_one_sequence_at_a_time(tiny):
-    # Three sequences of different lengths (one past the sliding window of 8) decode one token each in one
+    # Two sequences of different lengths (one past the sliding window of 8) decode one token each in one
     # call; each row must match that sequence's own single-sequence step. Not bit-equal: the dense matmuls
-    # see 3 rows instead of 1 and may round differently (bf16); 1e-2 is the kernels' bf16 bound.
+    # see 2 rows instead of 1 and may round differently (bf16); 1e-2 is the kernels' bf16 bound.
     config, weights = tiny
+    config = replace(config, num_hidden_layers=2)  # one sliding, one full layer: half the interpreter's time
     model = FastTransformer(config, weights)
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).to(DEVICE) for n in (5, 11, 3)]
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).to(DEVICE) for n in (11, 3)]
     batched, singles = _prefilled_batch(model, config, prompts)
-    tokens = torch.tensor([7, 4000, 123], device=DEVICE)
+    tokens = torch.tensor([4000, 123], device=DEVICE)
     positions = torch.tensor([len(p) for p in prompts], device=DEVICE)
     got = model.decode_batch(tokens, positions, batched)
-    assert got.shape == (3, config.vocab_size)
+    assert got.shape == (2, config.vocab_size)
     for slot, cache in enumerate(singles):
         expected = model(tokens[slot : slot + 1], cache)[-1]
         assert rel_error(got[slot], expected) < 1e-2, slot
