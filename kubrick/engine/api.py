@@ -30,7 +30,7 @@ class Message:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Generation settings for one request. `validated()` checks ranges and types with one clear error."""
+    """Generation settings for one request; `parse_params()` builds them from a request with one clear error."""
 
     temperature: float = 1.0
     top_p: float = 1.0
