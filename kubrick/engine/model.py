@@ -147,9 +147,11 @@ class Attention(torch.nn.Module):
         for seq, tokens in segments:
             start, n = seq.length, len(tokens)
             cache.write(self.layer, seq, start, k[row : row + n], v[row : row + n])
+            reach = max(0, start - self.sliding_window + 1) if self.sliding_window else 0  # the oldest key needed
+            all_keys, all_values = cache.gather(self.layer, seq, reach, start + n)  # one copy per sequence
             for lo, hi in _block_chunks(start, start + n, cache.block_size):
                 first = max(0, lo - self.sliding_window + 1) if self.sliding_window else 0
-                keys, values = cache.gather(self.layer, seq, first, hi)
+                keys, values = all_keys[first - reach : hi - reach], all_values[first - reach : hi - reach]
                 k_positions = torch.arange(first, hi, device=x.device)
                 rows = slice(row + lo - start, row + hi - start)
                 out.append(attention(q[rows], keys, values, self.sinks, positions[rows], k_positions, self.sliding_window))
