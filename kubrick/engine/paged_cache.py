@@ -97,9 +97,10 @@ class BlockPool:
         self.cached.clear()
 
 
-def chain_keys(tokens: list[int], block_size: int) -> list[bytes]:
-    """The content key of every full block of `tokens`: a hash of the previous block's key and this block's tokens."""
-    keys, previous = [], b""
+def chain_keys(tokens: list[int], block_size: int, previous: bytes = b"") -> list[bytes]:
+    """The content key of every full block of `tokens`: a hash of the previous block's key and this block's tokens.
+    `previous`: the key of the block before tokens[0] (when continuing a chain)."""
+    keys = []
     for start in range(0, len(tokens) - block_size + 1, block_size):
         block = tokens[start : start + block_size]
         previous = hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in block), digest_size=16).digest()
@@ -119,6 +120,7 @@ class SequenceBlocks:
     prefilled: int = 0  # leading positions a prefill computed (only their full blocks may be keyed)
     reused: int = 0  # leading positions taken from the cache at admission
     keyed: int = 0  # leading full blocks already given their content key
+    last_key: bytes = b""  # the key of block keyed-1, where the chain goes on
     window_reserved: int = 0  # window-pool blocks this sequence may hold at once
 
 
@@ -138,7 +140,6 @@ class PagedKVCache:
         self.block_size, self.window = block_size, window
         self.sliding = sliding
         self.full_pool, self.window_pool = BlockPool(num_blocks), BlockPool(window_blocks)
-        self.window_blocks_per_sequence = self._window_span(0)
         shape_full = (num_blocks, block_size, kv_heads, head_dim)
         shape_window = (window_blocks, block_size, kv_heads, head_dim)
         self.keys, self.values = [], []
@@ -233,7 +234,7 @@ class PagedKVCache:
         seq.full = full[:n]
         seq.window = dict(zip(range(first, n), window))
         seq.length = seq.prefilled = seq.reused = n * bs
-        seq.keyed = n
+        seq.keyed, seq.last_key = n, keys[n - 1] if n else b""
 
     def release(self, seq: SequenceBlocks) -> None:
         """Give back everything a sequence holds or reserved (completion, cancellation, error)."""
@@ -286,13 +287,14 @@ class PagedKVCache:
         """The model wrote n more positions: key the full blocks a prefill completed, drop window blocks left behind."""
         seq.length += n
         bs = self.block_size
-        if min(seq.prefilled, seq.length) // bs > seq.keyed:
-            keys = chain_keys(seq.tokens[: min(seq.prefilled, seq.length)], bs)
-            for index in range(seq.keyed, len(keys)):
-                self.full_pool.set_key(seq.full[index], keys[index])
+        done = min(seq.prefilled, seq.length) // bs  # full blocks a prefill completed
+        if done > seq.keyed:
+            keys = chain_keys(seq.tokens[seq.keyed * bs : done * bs], bs, seq.last_key)
+            for index, key in enumerate(keys, start=seq.keyed):
+                self.full_pool.set_key(seq.full[index], key)
                 if index in seq.window:
-                    self.window_pool.set_key(seq.window[index], keys[index])
-            seq.keyed = len(keys)
+                    self.window_pool.set_key(seq.window[index], key)
+            seq.keyed, seq.last_key = done, keys[-1]
         keep_from = max(0, seq.length - self.window + 1) // bs  # the next query reaches back to here
         for index in [i for i in seq.window if i < keep_from]:
             self.window_pool.release(seq.window.pop(index))

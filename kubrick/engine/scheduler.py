@@ -67,7 +67,7 @@ class RequestHandle:
     generated_tokens: int = 0  # tokens sampled so far (batched path)
 
     def cancel(self) -> None:
-        """Stop this request: before its next decode step if running, before it starts if waiting."""
+        """Stop this request: before its next step if running (its KV blocks freed then), before it starts if waiting."""
         self.cancel_token.cancel()
 
     @property
@@ -87,7 +87,7 @@ class Scheduler:
         self.batching = getattr(engine, "paged", None) is not None
         self._waiting: deque[RequestHandle] = deque()
         self._running: list = []  # RequestHandles (one at a time) or _Active requests (batched)
-        self._prepared: dict[int, tuple] = {}  # the queue head's (prompt, params) while it waits for room
+        self._prepared: dict[int, tuple] = {}  # waiting requests already checked: id -> (prompt, params, positions)
         self._lock = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)

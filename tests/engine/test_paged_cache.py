@@ -41,6 +41,7 @@ def test_equal_prefixes_get_equal_keys_and_a_changed_block_changes_every_later_k
     two[20] += 1
     a, b = chain_keys(one, 16), chain_keys(two, 16)
     assert len(a) == 3 and a[0] == b[0] and a[1] != b[1] and a[2] != b[2]
+    assert chain_keys(one[16:], 16, a[0]) == a[1:]  # a chain continued block by block is the same chain
 
 
 def test_batched_sequences_get_exactly_the_logits_they_get_alone(model):
