@@ -139,7 +139,11 @@ def make_checkpoint_command(
     """Write a random gpt-oss checkpoint (valid MXFP4 experts) for tests, demos and benchmarks."""
     from kubrick.engine.make_checkpoint import make_checkpoint
 
-    written = make_checkpoint(out, layout=layout, preset=preset, config_file=config, seed=seed)
+    def starting(size: int) -> None:
+        if size > 1 << 30:  # the 20b and 120b presets take minutes: say what is coming
+            typer.echo(f"writing about {size / 1e9:.0f} GB of random weights into {out} …", err=True)
+
+    written = make_checkpoint(out, layout=layout, preset=preset, config_file=config, seed=seed, on_start=starting)
     shape = f"the shape in {config}" if config else f"the {preset} preset"
     typer.echo(f"wrote a random gpt-oss checkpoint ({shape}, {layout} layout, seed {seed}) to {written}")
     typer.echo(f"serve it with: kubrick serve --checkpoint {written}")

@@ -66,3 +66,19 @@ def test_make_checkpoint_into_a_folder_with_files_changes_nothing(tmp_path):
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert "already exists and is not an empty folder" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_make_checkpoint_refuses_a_disk_without_room_before_writing(tmp_path, monkeypatch):
+    # A small disk cannot be mounted here without root, so the free space is what shutil reports, lowered
+    import shutil as real_shutil
+
+    from kubrick.engine import make_checkpoint as module
+    from kubrick.errors import KubrickError
+
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: usage._replace(free=20_000_000))
+    with pytest.raises(KubrickError) as caught:
+        module.make_checkpoint(tmp_path / "ckpt", preset="20b")
+    assert str(caught.value) == (f"the 20b checkpoint needs about 13.8 GB but {tmp_path} has 20 MB free; "
+                                 "choose another place or a smaller preset")
+    assert list(tmp_path.iterdir()) == []  # not even the temporary folder is left

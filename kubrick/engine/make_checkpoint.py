@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from kubrick.engine.config import ConfigError, ModelConfig, preset as preset_config
 from kubrick.errors import KubrickError
@@ -61,6 +62,27 @@ def _shards(spec: dict[str, tuple[tuple[int, ...], str]]) -> list[list[str]]:
     return shards
 
 
+def checkpoint_bytes(config: ModelConfig) -> int:
+    """Bytes the checkpoint's tensors take on disk (bf16 weights, packed MXFP4 experts)."""
+    from kubrick.engine.checkpoint import original_tensors
+
+    return sum(math.prod(shape) * (1 if kind == "uint8" else 2) for shape, kind in original_tensors(config).values())
+
+
+def _check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse before writing anything: a full disk halfway through a 60 GB write helps nobody."""
+    free = shutil.disk_usage(folder).free
+    if needed + (4 << 20) > free:  # a little room to spare for config files and the filesystem
+        raise KubrickError(
+            f"{what} needs about {_size(needed)} but {folder} has {_size(free)} free; "
+            "choose another place or a smaller preset"
+        )
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
 def _write(folder: Path, layout: str, config: ModelConfig, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
@@ -107,8 +129,12 @@ def make_checkpoint(
     preset: str = "tiny",
     config_file: Path | None = None,
     seed: int = 0,
+    on_start: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write a random checkpoint into `out` (absent or an empty folder) and return `out`."""
+    """Write a random checkpoint into `out` (absent or an empty folder) and return `out`.
+
+    on_start(bytes) is called once the checks have passed, before the (possibly long) write.
+    """
     out = Path(out).expanduser()
     if layout not in LAYOUTS:
         raise KubrickError(f"unknown layout {layout!r}; use original or hf")
@@ -127,6 +153,10 @@ def make_checkpoint(
     except OSError as err:
         raise KubrickError(f"cannot write into {out.parent}: {err.strerror or err}") from None
     try:
+        needed = checkpoint_bytes(config)
+        _check_free_space(out.parent, needed, f"the {config_file or preset} checkpoint")
+        if on_start is not None:
+            on_start(needed)
         _write(tmp, layout, config, seed)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -134,7 +164,7 @@ def make_checkpoint(
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise KubrickError(f"could not write checkpoint {out}: {err.strerror or err}") from None
-    except BaseException:
+    except BaseException:  # a KubrickError (no room), Ctrl-C, anything: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
