@@ -87,6 +87,20 @@ class KubrickInTmux:
             time.sleep(0.1)
         raise AssertionError(f"{text!r} did not appear within {timeout} s; the screen shows:\n{screen}")
 
+    def press_until(self, key: str, text: str, after: str | None = None, tries: int = 5, wait: float = 3.0) -> str:
+        """Press `key` until `text` shows (after `after`). A key pressed while kubrick is between two prompts can
+        be lost on a loaded machine (the terminal is not in raw mode then); a person presses again, so do we."""
+        for _ in range(tries):
+            self.keys(key)
+            try:
+                return self.wait_for(text, timeout=wait, after=after)
+            except AssertionError:
+                continue
+        return self.wait_for(text, timeout=wait, after=after)  # fails with the screen in the message
+
+    def exited(self) -> bool:
+        return "KUBRICK-EXITED-" in self.screen()
+
     def exit_status(self, timeout: float = 20.0) -> int:
         screen = self.wait_for("KUBRICK-EXITED-", timeout=timeout)
         return int(screen.split("KUBRICK-EXITED-", 1)[1].split()[0])
