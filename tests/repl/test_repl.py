@@ -110,6 +110,7 @@ def test_ctrl_c_twice_at_an_empty_prompt_exits_and_history_persists(server, tmp_
         k.keys("Enter")
         k.wait_for("tokens", after="remember this question")
         k.type("half typed")
+        k.wait_for("› half typed")  # the prompt has the line (a Ctrl-C before that would be one between prompts)
         k.keys("C-c")  # clears the line, does not exit
         k.wait_for("›", after="half typed")
         time.sleep(0.3)  # let the new prompt take the terminal (a key is not a signal then)
