@@ -143,17 +143,25 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     break
-            for active in [a for a in self._running if a.handle.cancelled]:
-                self._end(active, "cancelled")
-            self._admit()
-            if not self._running:
-                with self._lock:  # a head that found no room waits for a finishing request (or a new one)
-                    if self._waiting and self._waiting[0].id in self._prepared and not self._stopping:
-                        self._lock.wait(0.05)
-                continue
-            self._step()
+            try:
+                self._iteration()
+            except Exception as err:  # a bug outside any one request: fail the running ones, keep the loop alive
+                log.exception("scheduler step failed")
+                for active in list(self._running):
+                    self._end(active, error=EngineError(f"the engine failed ({type(err).__name__}: {err})"))
         for active in list(self._running):
             self._end(active, error=EngineError(SHUTTING_DOWN))
+
+    def _iteration(self) -> None:
+        for active in [a for a in self._running if a.handle.cancelled]:
+            self._end(active, "cancelled")
+        self._admit()
+        if not self._running:
+            with self._lock:  # a head that found no room waits for a finishing request (or a new one)
+                if self._waiting and self._waiting[0].id in self._prepared and not self._stopping:
+                    self._lock.wait(0.05)
+            return
+        self._step()
 
     def _admit(self) -> None:
         """First come, first served, while the paged cache can promise a request all the blocks it may need."""
@@ -167,7 +175,13 @@ class Scheduler:
             if handle.id not in self._prepared:  # arrived after the sweep: next step
                 return
             prompt, params, positions = self._prepared[handle.id]
-            seq = cache.admit(prompt, positions, engine.step_tokens)
+            try:
+                seq = cache.admit(prompt, positions, engine.step_tokens)
+            except Exception as err:  # a bug on this request's way in: it fails, the queue moves on
+                log.exception("admitting request %d failed", handle.id)
+                self._remove_waiting(handle)
+                self._finish(handle, EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
+                continue
             if seq is None:
                 return  # no room now: it waits (and everyone behind it) until a running request frees blocks
             self._remove_waiting(handle)
@@ -243,7 +257,11 @@ class Scheduler:
                 self._end(active, error=err)
             return
         for active, row in zip([a for a, _ in plan if a.prefill_left == 0], logits):  # rows only for these
-            self._on_logits(active, row)
+            try:
+                self._on_logits(active, row)
+            except Exception as err:  # sampling or parsing broke on this request; keep serving the others
+                log.exception("request %d failed", active.handle.id)
+                self._end(active, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
 
     def _on_logits(self, a: _Active, logits) -> None:
         """Sample this request's next token and stream what it completes (as Engine.generate does)."""

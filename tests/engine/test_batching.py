@@ -230,10 +230,9 @@ def test_a_long_prompt_is_read_in_chunks_while_other_streams_keep_producing(engi
     assert long_reply.done.wait(120)
     a.cancel()
     assert streaming.done.wait(60)
+    assert streaming.last.reason == "cancelled"  # it was still streaming when the long prompt got its answer
     # 600 prompt tokens at most 32 a step (one of them the running stream's) take 20 steps or more: the
     # running stream got a token in each.
-    if not streaming.done.is_set() or streaming.last.usage.completion_tokens >= 200:
-        pytest.fail("the streaming request ended before the long prompt was read; give it more tokens")
     assert seen["at_first_token"] - seen["at_submit"] >= 15
 
 
