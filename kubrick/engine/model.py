@@ -111,7 +111,8 @@ class Attention(torch.nn.Module):
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.sliding_window = config.sliding_window if config.is_sliding(layer) else 0
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries [n, kv_heads, q_per_kv, d], rotated keys and values [n, kv_heads, d]."""
         t = self.norm(x)
         qkv = F.linear(t, self.qkv_weight, self.qkv_bias)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -121,8 +122,11 @@ class Attention(torch.nn.Module):
         v = v.reshape(-1, self.kv_heads, self.head_dim)
         cos, sin = self.rope.cos_sin(positions)
         q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
+        return q.reshape(-1, self.kv_heads, self.heads // self.kv_heads, self.head_dim), k, v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        q, k, v = self.qkv(x, positions)
         keys, values, k_positions = cache.store(self.layer, k, v, positions, self.sliding_window)
-        q = q.reshape(-1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         t = attention(q, keys, values, self.sinks, positions, k_positions, self.sliding_window)
         return x + F.linear(t, self.out_weight, self.out_bias)
 
@@ -133,16 +137,7 @@ class Attention(torch.nn.Module):
         chunk sees, so a sequence gets the same numbers whether its prompt ran in one step or several and
         whatever else ran beside it.
         """
-        t = self.norm(x)
-        qkv = F.linear(t, self.qkv_weight, self.qkv_bias)
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = torch.split(qkv, [q_size, kv_size, kv_size], dim=-1)
-        q = q.reshape(-1, self.heads, self.head_dim)
-        k = k.reshape(-1, self.kv_heads, self.head_dim)
-        v = v.reshape(-1, self.kv_heads, self.head_dim)
-        cos, sin = self.rope.cos_sin(positions)
-        q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
-        q = q.reshape(-1, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        q, k, v = self.qkv(x, positions)
         out, row = [], 0
         for seq, tokens in segments:
             start, n = seq.length, len(tokens)
