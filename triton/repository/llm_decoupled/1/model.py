@@ -151,7 +151,7 @@ class TritonPythonModel:
         self._refresh_gauges()
         pb_utils.Logger.log_info(
             f"{self.model_name}: engine {engine_version} on {self.engine.device}, "
-            f"context {self.engine.context_length} tokens"
+            f"context {self.engine.context_length} tokens; {self.engine.kv_cache_description()}"
         )
 
     def execute(self, requests):
