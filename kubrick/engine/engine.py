@@ -65,6 +65,21 @@ def _setting(name: str, value, default: int) -> int:
     return number
 
 
+def parse_kv_cache_memory(setting: str | float) -> tuple[str, float | int]:
+    """A kv-cache-memory setting, checked without a device: ("fraction", f) for 0 < f <= 1 of the memory free,
+    or ("bytes", n) for a size such as 512MiB or 2GiB; EngineError for anything else."""
+    text = str(setting).strip()
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(KiB|MiB|GiB|KB|MB|GB|B)?", text, re.IGNORECASE)
+    units = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    if size and size.group(2):
+        return "bytes", int(float(size.group(1)) * units[size.group(2).lower()])
+    if size and 0 < float(size.group(1)) <= 1:
+        return "fraction", float(size.group(1))
+    raise EngineError(
+        f"kv-cache-memory must be a fraction of free memory (0.9) or a size (512MiB, 4GiB), not {setting!r}"
+    )
+
+
 def kv_cache_budget(setting: str | float | None, device: torch.device) -> int:
     """Bytes for the paged KV cache. setting: a fraction (0 < f <= 1) of the memory free now (on a GPU,
     after the weights), or a size such as 512MiB or 2GiB; default 0.9 on a GPU, 256 MiB on a CPU."""
@@ -73,18 +88,12 @@ def kv_cache_budget(setting: str | float | None, device: torch.device) -> int:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0] * DEFAULT_GPU_FRACTION)
         return DEFAULT_CPU_BYTES
-    text = str(raw).strip()
-    size = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(KiB|MiB|GiB|KB|MB|GB|B)?", text, re.IGNORECASE)
-    units = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    if size and size.group(2):
-        return int(float(size.group(1)) * units[size.group(2).lower()])
-    if size and 0 < float(size.group(1)) <= 1:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0] * float(size.group(1)))
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * float(size.group(1)))
-    raise EngineError(
-        f"kv-cache-memory must be a fraction of free memory (0.9) or a size (512MiB, 4GiB), not {raw!r}"
-    )
+    kind, amount = parse_kv_cache_memory(raw)
+    if kind == "bytes":
+        return int(amount)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * amount)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * amount)
 
 
 def _validated(params: SamplingParams) -> SamplingParams:
@@ -150,12 +159,14 @@ class Engine:
                 f"KUBRICK_STEP_TOKENS ({self.step_tokens}) must be at least KUBRICK_MAX_BATCH ({self.max_batch}) "
                 f"+ the block size ({self.block_size}), so prompts keep moving while every sequence decodes"
             )
-        # The batched path needs a model that reads the paged cache; FastTransformer does not yet, so with it
-        # the scheduler serves one request at a time through generate().
+        # The scheduler batches requests over the paged cache for models that read it (both do; a model
+        # without forward_batch would be served one request at a time through generate()).
         self.paged: PagedKVCache | None = None
         if hasattr(self.model, "forward_batch"):
             self.paged = self._new_paged_cache(kv_cache_budget(kv_cache_memory, self.torch_device))
             self.paged.prefix_reuse = os.environ.get("KUBRICK_PREFIX_CACHE", "1") not in ("0", "false", "no", "off")
+            if hasattr(self.model, "capture_paged"):  # decode steps replay CUDA graphs; no request pays for them
+                self.model.capture_paged(self.paged, self.paged.blocks_needed(context_length), self.max_batch)
             log.info("%s", self.kv_cache_description())
 
     def _new_paged_cache(self, budget: int) -> PagedKVCache:

@@ -182,6 +182,14 @@ class TritonServer:
         found = _EXPECTED_MODEL_ERROR.search(self.log_text().replace("\\n", "\n"))
         return found.group(2).strip().strip('"').strip() if found else None
 
+    def model_summary(self) -> str | None:
+        """The line the model logs once loaded: its engine, device, context and KV-cache size."""
+        for line in self.log_text().splitlines():
+            message = _LOG_PREFIX.sub("", line).strip().strip('"')
+            if line.startswith("I") and "KV cache: " in message:
+                return message
+        return None
+
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 

@@ -31,6 +31,12 @@ class ServeOptions:
     metrics_port: int = 8002
     host: str = "127.0.0.1"
     model_repository: Path | None = None
+    kv_cache_memory: str | None = None
+    max_batch: int | None = None
+    step_tokens: int | None = None
+
+
+KV_CACHE_FORMS = "a fraction of free GPU memory after the weights (0 < f <= 1, such as 0.9) or a size (such as 512MiB or 8GiB)"
 
 
 class _Stop(Exception):
@@ -117,6 +123,54 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                 ) from None
 
 
+def engine_settings(options: ServeOptions) -> dict[str, str]:
+    """The engine's batching settings for the server's environment: each flag wins over its variable. Checked
+    here, with the engine's own parser, so a bad value fails before tritonserver starts."""
+    from kubrick.engine.api import EngineError
+    from kubrick.engine.engine import DEFAULT_MAX_BATCH, DEFAULT_STEP_TOKENS, parse_kv_cache_memory
+    from kubrick.engine.paged_cache import DEFAULT_BLOCK_SIZE
+
+    def chosen(flag: str, value, name: str) -> tuple[str | None, str]:
+        if value is not None:
+            return str(value).strip(), flag
+        return os.environ.get(name) or None, f"${name}"
+
+    env: dict[str, str] = {}
+    raw, origin = chosen("--kv-cache-memory", options.kv_cache_memory, "KUBRICK_KV_CACHE_MEMORY")
+    if raw is not None:
+        try:
+            parse_kv_cache_memory(raw)
+        except EngineError:
+            raise KubrickError(f"{origin} must be {KV_CACHE_FORMS}, not {raw!r}") from None
+        env["KUBRICK_KV_CACHE_MEMORY"] = raw
+    numbers: list[tuple[int, str]] = []  # (value, where it came from) for max batch, step tokens, block size
+    for flag, value, name, default in (
+        ("--max-batch", options.max_batch, "KUBRICK_MAX_BATCH", DEFAULT_MAX_BATCH),
+        ("--step-tokens", options.step_tokens, "KUBRICK_STEP_TOKENS", DEFAULT_STEP_TOKENS),
+        (None, None, "KUBRICK_KV_BLOCK_SIZE", DEFAULT_BLOCK_SIZE),
+    ):
+        raw, origin = chosen(flag, value, name)
+        if raw is None:
+            numbers.append((default, f"{flag or '$' + name} ({default}, the default)"))
+            continue
+        try:
+            number = int(raw)
+        except ValueError:
+            raise KubrickError(f"{origin} must be a whole number, not {raw!r}") from None
+        if number < 1:
+            raise KubrickError(f"{origin} must be at least 1, not {number}")
+        numbers.append((number, f"{origin} ({number})"))
+        if flag:
+            env[name] = str(number)
+    (batch, batch_shown), (step, step_shown), (block, _) = numbers
+    if step < batch + block:  # the engine's own rule: room for every decode plus one prefill block
+        raise KubrickError(
+            f"{step_shown} must be at least {batch_shown} + the KV block size ({block}), "
+            "so prompts keep moving while every sequence decodes; raise --step-tokens or lower --max-batch"
+        )
+    return env
+
+
 def serve(options: ServeOptions) -> int:
     from rich.console import Console
 
@@ -129,6 +183,7 @@ def serve(options: ServeOptions) -> int:
     )
     if not (repository / MODEL_NAME).is_dir():
         raise KubrickError(f"{repository} holds no {MODEL_NAME} model; point --model-repository at a Triton model repository")
+    batching_env = engine_settings(options)
     ports = {"--http-port": options.http_port, "--grpc-port": options.grpc_port, "--metrics-port": options.metrics_port}
     check_ports_free(options.host, ports)
 
@@ -146,7 +201,7 @@ def serve(options: ServeOptions) -> int:
                 checkpoint, created = ensure_embedded_default()
                 if created:
                     console.print(f"created the embedded default model in {checkpoint}")
-            env = {"TRITON_CHECKPOINT": str(checkpoint), **device_env}
+            env = {"TRITON_CHECKPOINT": str(checkpoint), **device_env, **batching_env}
             env.pop("TRITON_MODEL", None)
             if options.context_length is not None:
                 env["TRITON_CONTEXT_LENGTH"] = str(options.context_length)
@@ -170,6 +225,9 @@ def serve(options: ServeOptions) -> int:
             phases = {"starting": "starting tritonserver …", "loading": "loading weights into the engine …"}
             server.wait_ready(on_phase=lambda phase: status.update(phases.get(phase, phase)))
         console.print(f"[green]ready[/green] in {time.monotonic() - started:.1f} s (log: {server.log_path})")
+        summary = server.model_summary()  # the engine, its context and the size of its KV cache
+        if summary:
+            console.print(summary, markup=False)
         if random_model:
             console.print(f"[yellow]{RANDOM_MODEL_NOTE}[/yellow]")
         if options.host in ("0.0.0.0", "::"):

@@ -282,3 +282,79 @@ def test_a_bad_device_from_the_environment_names_the_variable(clean_env, monkeyp
     result = run_kubrick("serve", "--http-port", str(free_port()))
     assert result.returncode == 1
     assert result.stderr == "kubrick: error: unknown device 'tpu' (from $TRITON_DEVICE); use cpu, cuda or cuda:N\n"
+
+
+# The engine's batching settings: --kv-cache-memory, --max-batch, --step-tokens
+
+KV_CACHE_FORMS = ("a fraction of free GPU memory after the weights (0 < f <= 1, such as 0.9) "
+                  "or a size (such as 512MiB or 8GiB)")
+
+
+@pytest.mark.parametrize("args,env,origin,value", [
+    (["--kv-cache-memory", "lots"], {}, "--kv-cache-memory", "lots"),
+    (["--kv-cache-memory", "1.5"], {}, "--kv-cache-memory", "1.5"),
+    ([], {"KUBRICK_KV_CACHE_MEMORY": "4 bananas"}, "$KUBRICK_KV_CACHE_MEMORY", "4 bananas"),
+], ids=["word", "fraction-above-1", "env"])
+def test_a_bad_kv_cache_memory_is_one_line_and_starts_nothing(clean_env, args, env, origin, value):
+    result = run_kubrick("serve", *args, "--http-port", str(free_port()), env=env)
+    assert result.returncode == 1
+    assert result.stderr == f"kubrick: error: {origin} must be {KV_CACHE_FORMS}, not {value!r}\n"
+    assert result.stdout == ""
+    # refused before anything else: no embedded model was made, no tritonserver log was opened
+    assert not (clean_env / "cache").exists()
+
+
+def test_a_step_too_small_for_the_batch_is_refused_before_starting(clean_env):
+    result = run_kubrick("serve", "--max-batch", "600", "--http-port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr == (
+        "kubrick: error: --step-tokens (512, the default) must be at least --max-batch (600) + the KV block size "
+        "(16), so prompts keep moving while every sequence decodes; raise --step-tokens or lower --max-batch\n"
+    )
+    assert not (clean_env / "cache").exists()
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--step-tokens"])
+def test_a_batch_setting_below_one_is_one_line(clean_env, flag):
+    result = run_kubrick("serve", flag, "0", "--http-port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr == f"kubrick: error: {flag} must be at least 1, not 0\n"
+
+
+@pytest.fixture
+def serving():
+    """Start `kubrick serve` with some arguments; always stopped (SIGTERM, so it stops its tritonserver)."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str, **kwargs) -> ServeProcess:
+        started.append(ServeProcess(*args, **kwargs))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for serve in started:
+            if serve.process.poll() is None:
+                serve.process.send_signal(signal.SIGTERM)
+                try:
+                    serve.process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pass
+            serve.close()
+
+
+@pytest.mark.slow
+def test_serve_reports_a_kv_cache_of_the_size_asked_for_and_the_flags_win(clean_env, serving):
+    # the variables say otherwise; the flags win, and reach the engine inside tritonserver
+    env = {"KUBRICK_KV_CACHE_MEMORY": "1GiB", "KUBRICK_MAX_BATCH": "32", "KUBRICK_STEP_TOKENS": "256"}
+    serve = serving("--kv-cache-memory", "64MiB", "--max-batch", "8", "--step-tokens", "128", cwd=clean_env, env=env)
+    url = serve.wait_for_url()
+    stderr = "".join(serve.stderr)
+    ready = stderr.index("ready in ")
+    (line,) = [line for line in stderr[ready:].splitlines() if "KV cache: " in line]
+    size = re.search(r"paged KV cache: \d+ tokens in \d+ blocks .*?, (\d+) MiB; batches of up to (\d+) sequences, "
+                     r"(\d+) tokens a step", line)
+    assert size, line
+    assert 0 < int(size.group(1)) <= 64 and size.group(2, 3) == ("8", "128")
+    events = stream_events(url, messages("hello"), {"temperature": 0, "max_tokens": 4})
+    assert events[-1]["type"] == "complete"
