@@ -4,9 +4,11 @@ Triton server over HTTP generate_stream, with the engine's prefix reuse on and t
 
 Each turn re-sends the whole history (as the chat does): the user's message is a fixed paragraph, the
 assistant's reply is what the model said. With prefix reuse the engine finds the earlier turns' blocks in its
-paged KV cache and computes only the new tail, so TTFT should stay flat as the history grows.
+paged KV cache and computes only the new tail, so TTFT should stay flat as the history grows. The script starts
+its own server twice (KUBRICK_PREFIX_CACHE=1, then 0), on the embedded default model or --checkpoint, on --device.
 
   python scripts/bench_multiturn.py --turns 6 --record /tmp/kubrick-bench/batching.md
+  python scripts/bench_multiturn.py --checkpoint /tmp/ck20 --device cuda:0 --context-length 4096 --turns 6
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serving import MODEL, start_own_server  # noqa: E402
+from bench_serving import (
+    MODEL,
+    add_server_options,
+    append,
+    check_server_options,
+    describe_server,
+    start_from_args,
+    stop_on_sigterm,
+    stop_server,
+)
 
 PARAGRAPH = (
     "Here is more about the trip: we leave on a Friday, drive four hours into the mountains, sleep in a hut, "
@@ -73,17 +84,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--context-length", type=int, default=8192)
+    add_server_options(parser, context_length=8192)
     parser.add_argument("--record", type=Path, help="append the Markdown table with the command to this file")
     args = parser.parse_args()
-    results = {}
+    if args.turns < 1 or args.max_tokens < 1:
+        parser.error("--turns and --max-tokens must be at least 1")
+    check_server_options(parser, args)
+    stop_on_sigterm()
+
+    results, target = {}, ""
     for label, flag in (("reuse on", "1"), ("reuse off", "0")):
         os.environ["KUBRICK_PREFIX_CACHE"] = flag  # the server this script starts inherits it
-        server = start_own_server(args.context_length)
+        server = start_from_args(args, "bench_multiturn", f", KUBRICK_PREFIX_CACHE={flag}")
+        if server is None:
+            return 1
+        log_copy = args.server_log
+        if log_copy is not None:  # one log per server: NAME-reuse-on.log, NAME-reuse-off.log
+            log_copy = log_copy.with_name(f"{log_copy.stem}-{label.replace(' ', '-')}{log_copy.suffix or '.log'}")
         try:
+            target = target or describe_server(server, args.checkpoint, args.device, args.context_length)
             results[label] = conversation(server.url, args.turns, args.max_tokens)
+        except httpx.HTTPError as err:
+            print(f"bench_multiturn: a request failed ({label}): {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
         finally:
-            server.stop()
+            stop_server(server, log_copy)
     lines = [
         "| turn | prompt tokens | TTFT ms, reuse on | engine TTFT ms, reuse on | TTFT ms, reuse off | engine TTFT ms, reuse off |",
         "|---|---|---|---|---|---|",
@@ -93,13 +118,14 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        with args.record.open("a") as out:
-            out.write(
-                f"\n## Multi-turn TTFT, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
-                f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f})\n\nCommand: `python {' '.join(sys.argv)}` "
-                "(own server, embedded default model, cpu, greedy)\n\n" + table + "\n"
-            )
+        append(
+            args.record,
+            f"\n## Multi-turn TTFT, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node()} "
+            f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f})\n\nCommand: `python {' '.join(sys.argv)}`  \n"
+            f"Target: {target}  \nRuns: one server with KUBRICK_PREFIX_CACHE=1, then one with 0; greedy; each user "
+            f"turn is a fixed paragraph repeated 3 times, replies up to {args.max_tokens} tokens\n\n" + table + "\n",
+            title="# Multi-turn benchmark (scripts/bench_multiturn.py)\n",
+        )
     return 0
 
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The whole GPU serving measurement of issue 6 in one command (device time is scarce), through the real Triton
+# server: bench_serving.py at concurrency 1,8,32,64,128 (the fixed mix in its docstring) and bench_multiturn.py
+# (TTFT per turn with prefix reuse on, then off), on a random gpt-oss-20b-shaped checkpoint. Ends inside about
+# 9 minutes (BUDGET seconds, default 530): every step runs under `timeout`, the later ones get what is left.
+#
+#   scripts/bench_serving_gpu.sh OUTDIR
+#
+# OUTDIR receives (7 files): gpu.txt (nvidia-smi), log.txt (every step's output), serving.md (both tables, with
+# their commands), serving.json (per-level figures), server-serving.log, server-multiturn-reuse-on.log and
+# server-multiturn-reuse-off.log (the tritonserver logs).
+#
+# The machine has no network: the carried folder .gpus/ holds the wheels (nvidia-pytriton 0.7.0 with the
+# tritonserver binary, numpy 1.26.4, openai-harmony, pydantic, ...) and vocab/o200k_base.tiktoken. They go into
+# the image's own environment, not a --target folder: the Triton Python stub needs numpy<2 and ignores
+# PYTHONPATH, so it finds kubrick through a .pth file.
+#
+# Knobs (environment): KUBRICK_MAX_BATCH (default here 128, so the 128 level really batches 128),
+# KUBRICK_STEP_TOKENS (default here 1024), KUBRICK_KV_CACHE_MEMORY (engine default unless set), CONCURRENCY
+# (default 1,8,32,64,128), REQUESTS (per client, default 2), MAX_TOKENS (caps the mix's 128/256/512, default 512),
+# TURNS (default 6), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET (seconds, default 530).
+# For a dry run on a CPU machine: PYTHON=.venv/bin/python INSTALL=0 DEVICE=cpu CKPT=<a tiny checkpoint>
+# CONCURRENCY=1,2 REQUESTS=1 MAX_TOKENS=16 TURNS=2 scripts/bench_serving_gpu.sh /tmp/dry
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: scripts/bench_serving_gpu.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUDGET=${BUDGET:-530}
+CKPT=${CKPT:-/tmp/ck20}
+CONCURRENCY=${CONCURRENCY:-1,8,32,64,128}
+REQUESTS=${REQUESTS:-2}
+TURNS=${TURNS:-6}
+MAX_TOKENS=${MAX_TOKENS:-512}
+DEVICE=${DEVICE:-cuda:0}
+PYTHON=${PYTHON:-python3}
+export KUBRICK_MAX_BATCH=${KUBRICK_MAX_BATCH:-128} KUBRICK_STEP_TOKENS=${KUBRICK_STEP_TOKENS:-1024}
+[ -n "${KUBRICK_KV_CACHE_MEMORY:-}" ] && export KUBRICK_KV_CACHE_MEMORY
+export PYTHONUNBUFFERED=1
+LOG=$OUT/log.txt
+left() { echo $((BUDGET - SECONDS)); }
+# step NAME SECONDS COMMAND...: run under timeout (SIGTERM lets the bench scripts stop their server; SIGKILL
+# 60 s later), output to the terminal and log.txt; then which processes still hold the GPU.
+step() {
+    local name=$1 limit=$2 rc
+    shift 2
+    if [ "$limit" -lt 20 ]; then
+        echo "=== $name: skipped, only ${limit}s of the budget left" | tee -a "$LOG"
+        return 1
+    fi
+    echo "=== $name (limit ${limit}s, $(date -u +%T), ${SECONDS}s in)" | tee -a "$LOG"
+    timeout -k 60 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc ($(date -u +%T), ${SECONDS}s in); on the GPU now:" \
+        "$(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ' ')" | tee -a "$LOG"
+    return "$rc"
+}
+
+nvidia-smi >"$OUT/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$OUT/gpu.txt" 2>&1
+if [ "${INSTALL:-1}" != 0 ] && ls .gpus/*.whl >/dev/null 2>&1; then
+    step "install the carried wheels" 120 "$PYTHON" -m pip install --no-index --no-deps -q .gpus/*.whl
+    site=$("$PYTHON" -c 'import site; print(site.getsitepackages()[0])')
+    echo "$PWD" >"$site/kubrick-src.pth"
+fi
+[ -f .gpus/vocab/o200k_base.tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.gpus/vocab
+"$PYTHON" -c 'import sys, torch, numpy, kubrick; print("python", sys.version.split()[0], "torch", torch.__version__,
+    "numpy", numpy.__version__, "kubrick from", kubrick.__file__)' 2>&1 | tee -a "$LOG"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); KUBRICK_MAX_BATCH=$KUBRICK_MAX_BATCH" \
+    "KUBRICK_STEP_TOKENS=$KUBRICK_STEP_TOKENS KUBRICK_KV_CACHE_MEMORY=${KUBRICK_KV_CACHE_MEMORY:-default}" \
+    "CONCURRENCY=$CONCURRENCY DEVICE=$DEVICE" | tee -a "$LOG"
+
+if [ -d "$CKPT" ]; then
+    echo "=== checkpoint $CKPT exists; reused" | tee -a "$LOG"
+else
+    step "random gpt-oss-20b checkpoint" 150 "$PYTHON" -m kubrick.cli make-checkpoint "$CKPT" --preset 20b
+fi
+
+# The multi-turn run needs two server starts and 12 short requests: keep 180 s for it.
+serving=$(($(left) - 180))
+[ "$serving" -gt 300 ] && serving=300
+step "serving, concurrency $CONCURRENCY" "$serving" "$PYTHON" scripts/bench_serving.py --checkpoint "$CKPT" \
+    --device "$DEVICE" --context-length 4096 --concurrency "$CONCURRENCY" --requests "$REQUESTS" \
+    --max-tokens "$MAX_TOKENS" \
+    --record "$OUT/serving.md" --json "$OUT/serving.json" --server-log "$OUT/server-serving.log"
+
+step "multi-turn, prefix reuse on then off" "$(($(left) - 10))" "$PYTHON" scripts/bench_multiturn.py \
+    --checkpoint "$CKPT" --device "$DEVICE" --context-length 4096 --turns "$TURNS" \
+    --record "$OUT/serving.md" --server-log "$OUT/server-multiturn.log"
+
+echo "=== done ($(date -u +%T), ${SECONDS}s)" | tee -a "$LOG"

@@ -1,0 +1,111 @@
+"""The serving benchmark scripts' own logic: the fixed workload mix, the concurrency list, the figures of a level,
+and their answers to bad flags (CPU only, no server)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("bench_serving")
+
+
+def test_nine_consecutive_requests_cover_every_prompt_size_and_output_length_pair():
+    for first in range(20):
+        pairs = {bench.planned_request(k, cap=512)[0::2] for k in range(first, first + 9)}
+        assert pairs == {(size, out) for size in ("short", "medium", "long") for out in (128, 256, 512)}
+
+
+def test_each_group_of_three_requests_has_all_prompt_sizes_and_all_output_lengths():
+    for first in range(0, 30, 3):
+        plans = [bench.planned_request(k, cap=512) for k in range(first, first + 3)]
+        assert {p[0] for p in plans} == {"short", "medium", "long"}
+        assert sorted(p[2] for p in plans) == [128, 256, 512]
+
+
+def test_prompts_are_deterministic_distinct_and_grow_with_their_size():
+    assert bench.planned_request(5, 512) == bench.planned_request(5, 512)
+    prompts = [bench.planned_request(k, 512, level)[1] for level in range(3) for k in range(300)]
+    assert len(set(prompts)) == 900  # each starts with its level and number: no prefix shared between requests
+    assert all(p.startswith(f"Level 1, request {k}. ") for k, p in enumerate(prompts[300:600]))
+    short, medium, long = (len(bench.planned_request(k, 512)[1]) for k in (0, 1, 2))
+    assert short < medium < long
+    assert long > 15 * len(bench.PARAGRAPH)
+
+
+def test_max_tokens_caps_the_output_lengths():
+    assert {bench.planned_request(k, cap=16)[2] for k in range(9)} == {16}
+    assert {bench.planned_request(k, cap=200)[2] for k in range(9)} == {128, 200}
+
+
+def test_concurrency_list_is_parsed_and_bad_lists_are_refused_with_an_example():
+    assert bench.parse_levels("1,8,32,64,128") == [1, 8, 32, 64, 128]
+    assert bench.parse_levels(" 4 ") == [4]
+    for bad in ("", "1,x", "0,8", "-1"):
+        with pytest.raises(ValueError, match="like 1,8,32"):
+            bench.parse_levels(bad)
+
+
+def test_a_level_counts_errors_and_measures_tokens_over_its_whole_wall_time():
+    ok = bench.Result(sent=10.0, done=12.0, ttft=0.5, gaps=[0.01, 0.02], prompt_tokens=100, completion_tokens=100,
+                      engine_ttft=0.05)
+    late = bench.Result(sent=11.0, done=14.0, ttft=1.5, gaps=[0.03], prompt_tokens=300, completion_tokens=300,
+                        engine_ttft=0.07)
+    failed = bench.Result(sent=10.5, done=10.6, error="HTTP 400: too long")
+    f = bench.summarize([ok, late, failed], clients=2, cap=512)
+    assert (f["clients"], f["requests"], f["errors"], f["first_error"]) == (2, 3, 1, "HTTP 400: too long")
+    assert f["wall_s"] == pytest.approx(4.0)  # first sent (10.0) to last done (14.0)
+    assert f["completion_tokens"] == 400 and f["output_tok_per_s"] == pytest.approx(100.0)
+    assert f["prompt_tokens_mean"] == 200
+    assert f["ttft_p50_ms"] == pytest.approx(500.0) and f["ttft_p99_ms"] == pytest.approx(1500.0)
+    assert f["itl_p99_ms"] == pytest.approx(30.0)
+    assert "| 2 | 3 | 1 | 200 | 400 | 4.0 | 100.0 |" in bench.row(f)
+
+
+def test_a_level_where_every_request_failed_still_gives_figures_and_strict_json():
+    f = bench.summarize([bench.Result(sent=1.0, done=1.2, error="ConnectError: refused")], clients=1, cap=128)
+    assert f["errors"] == 1 and f["completion_tokens"] == 0 and math.isnan(f["ttft_p50_ms"])
+    text = json.dumps(bench.json_safe(f), allow_nan=False)
+    assert json.loads(text)["ttft_p50_ms"] is None
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *args], check=False, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--concurrency", "1,eight"], "--concurrency takes whole numbers"),
+        (["--concurrency", "1,8", "--clients", "4"], "not both"),
+        (["--checkpoint", "/nonexistent/ck20"], "is not a folder"),
+        (["--url", "http://127.0.0.1:9", "--checkpoint", "/tmp"], "leave out --url"),
+    ],
+)
+def test_bench_serving_refuses_bad_flags_in_one_line(args, says):
+    done = _run("bench_serving.py", *args)
+    assert done.returncode != 0
+    assert says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bench_multiturn_refuses_a_missing_checkpoint_in_one_line():
+    done = _run("bench_multiturn.py", "--checkpoint", "/nonexistent/ck20", "--device", "cuda:0")
+    assert done.returncode != 0
+    assert "is not a folder" in done.stderr and "Traceback" not in done.stderr
