@@ -11,7 +11,8 @@ Random weights of the preset's exact shape (experts packed as MXFP4, as loaded f
 --impl triton (the default on CUDA, as in the Engine) runs the kernel engine (GraphedFastTransformer with its
 CUDA-graph decode) and reports: batch-1 decode at contexts 128 and 4096, prefill of 2048 tokens (one chunk and
 the engine's 512-token chunks), decode at batch 8, 32 and 64 (static batched KV cache, one CUDA graph per
-batch bucket), weights memory, each as a percentage of its roofline (bytes per token from FACTS.md over the
+batch bucket), continuous batching's decode step at batch 1, 8, 32 and 64 (paged KV cache, forward_batch with
+its host work, as the scheduler runs it; and one step where a prompt chunk joins), weights memory, each as a percentage of its roofline (bytes per token from FACTS.md over the
 device-to-device copy bandwidth measured in the same run; prefill: FLOPs over a cuBLAS bf16 GEMM measured in
 the same run), and a torch.profiler breakdown of one decode step (batch 1 and 64) and the prefill by kernel.
 --impl reference measures batch-1 prefill and decode of the reference model (plain PyTorch).
@@ -231,6 +232,54 @@ def decode_batched(model, config, batches, context: int, steps: int) -> list[dic
     return rows
 
 
+def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]:
+    """Continuous batching's decode step, as the scheduler runs it: FastTransformer.forward_batch over the paged
+    KV cache (graph replay per bucket) with its host work (block tables, transfers) and one greedy argmax per
+    batch, wall clock per step. Each sequence's `context`-token prompt is prefilled first (all in one step).
+    Also: one mixed step (the batch decoding while a new 448-token prompt chunk joins)."""
+    top, page, step_tokens = max(batches), 16, 512
+    per_seq = -(-(context + 4 * steps + 64) // page)
+    span = -(-(config.sliding_window + step_tokens) // page) + 1
+    cache = model.new_paged_cache(num_blocks=(top + 1) * per_seq + 64, window_blocks=(top + 1) * span + 16,
+                                  block_size=page)
+    cache.prefix_reuse = False  # the mixed step re-sends one prompt: it must be computed every time
+    model.capture_paged(cache, max_blocks=per_seq, max_batch=top)
+    rows = []
+    for batch in batches:
+        prompts = [torch.randint(0, config.vocab_size - 1000, (context,)).tolist() for _ in range(batch)]
+        seqs = [cache.admit(p, context + 4 * steps, step_tokens) for p in prompts]
+        logits = model.forward_batch(list(zip(seqs, prompts)), cache)
+        tokens = logits.argmax(-1).tolist()
+
+        def step():
+            out = model.forward_batch([(s, [t]) for s, t in zip(seqs, tokens)], cache)
+            tokens[:] = out.argmax(-1).tolist()  # the scheduler's one transfer per step
+
+        for _ in range(3):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - start) / steps
+        row = {"batch": batch, "context": context, "s_per_step": seconds, "tok_s": batch / seconds}
+        if batch == top:  # a prompt chunk joins the full batch: the step every stream then waits for
+            newcomer = torch.randint(0, config.vocab_size - 1000, (448,)).tolist()
+            mixed = []
+            for _ in range(3):
+                seq = cache.admit(newcomer, 512, step_tokens)
+                start = time.perf_counter()
+                out = model.forward_batch([(s, [t]) for s, t in zip(seqs, tokens)] + [(seq, newcomer)], cache)
+                tokens[:] = out[:batch].argmax(-1).tolist()
+                mixed.append(time.perf_counter() - start)
+                cache.release(seq)
+            row["mixed_step_s"] = min(mixed)
+        for seq in seqs:
+            cache.release(seq)
+        rows.append(row)
+    model.paged_decoder = None
+    return rows
+
+
 def kernel_label(name: str) -> str:
     """Which part of the model a GPU kernel belongs to, from its name (Triton kernels carry their function's)."""
     table = [
@@ -352,6 +401,12 @@ def measure_kernel_engine(model, args) -> dict:
         print(f"decode batch {row['batch']}: {row['tok_s']:.0f} tok/s", file=sys.stderr)
     result["decode_batched"] = rows
     torch.cuda.empty_cache()
+    paged = _guarded(result, "paged decode", decode_paged, model, config, [1, 8, 32, 64], args.batch_context, steps) or []
+    for row, static in zip(paged, [None] + rows):
+        row["static_tok_s"] = static["tok_s"] if static else result["decode_batch1"][0]["tok_s"] if result["decode_batch1"] else None
+        print(f"paged decode batch {row['batch']}: {row['tok_s']:.0f} tok/s", file=sys.stderr)
+    result["decode_paged"] = paged
+    torch.cuda.empty_cache()
     if args.profile:
         try:
             result["profile"] = profiles(model, config, args.batch_context)
@@ -379,6 +434,11 @@ def print_kernel_engine(r: dict) -> None:
     for row in r["decode_batched"]:
         print(f"decode  batch {row['batch']:>2} ctx {row['context']:>5}: {row['tok_s']:8.0f} tok/s  "
               f"({1e3 * row['s_per_step']:.3f} ms/step; {row['pct_roofline']:.0f}% of {row['roofline_tok_s']:.0f} tok/s roofline)")
+    for row in r.get("decode_paged", []):
+        static = f"{100 * row['tok_s'] / row['static_tok_s']:.0f}% of the static-cache graph's {row['static_tok_s']:.0f}" if row.get("static_tok_s") else "no static figure"
+        mixed = f"; a 448-token prompt chunk joining: {1e3 * row['mixed_step_s']:.1f} ms step" if "mixed_step_s" in row else ""
+        print(f"paged   batch {row['batch']:>2} ctx {row['context']:>5}: {row['tok_s']:8.0f} tok/s  "
+              f"({1e3 * row['s_per_step']:.3f} ms/step with host work and one argmax transfer; {static}{mixed})")
     for name, prof in r.get("profile", {}).items():
         print(f"profile {name}: {prof['gpu_us']:.0f} us of GPU kernels per call (eager)")
         for part in prof["by_part"]:

@@ -12,21 +12,30 @@ Decode loops: `CudaGraphDecoder` (one sequence, one captured step replayed per t
 `CudaGraphBatchDecoder` (a static `BatchedKVCache` of B slots, one graph per batch-size bucket) and
 `GraphedFastTransformer`, the class the Engine runs on a GPU (FastTransformer whose one-token steps replay
 the graph captured over the engine's cache).
+
+Continuous batching: `forward_batch(segments, paged_cache)` runs one scheduler step (decode tokens and prompt
+chunks of many sequences) over the paged KV cache, whose blocks the attention kernels read in place through
+block tables. A step of decode tokens only replays `PagedGraphDecoder`'s graph for its batch-size bucket.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kubrick.engine.config import ModelConfig
 from kubrick.engine.kernels import moe
-from kubrick.engine.kernels.attention import attention_decode, attention_prefill
+from kubrick.engine.kernels._common import block_config
+from kubrick.engine.kernels.attention import attention_decode, attention_prefill, pick_splits
 from kubrick.engine.kernels.rmsnorm import rmsnorm
 from kubrick.engine.kernels.rope import rope_and_cache
 from kubrick.engine.kernels.router import router
 from kubrick.engine.kv_cache import KVCache
 from kubrick.engine.model import RotaryEmbedding
+from kubrick.engine.paged_cache import PagedKVCache, SequenceBlocks
 
 
 class FastTransformer:
@@ -36,6 +45,7 @@ class FastTransformer:
         self.embedding = weights["embedding.weight"]
         self.device = self.embedding.device
         self.rope = RotaryEmbedding(config, self.device)
+        self.paged_decoder: PagedGraphDecoder | None = None  # GraphedFastTransformer.capture_paged sets it
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
@@ -97,6 +107,71 @@ class FastTransformer:
             x = self._moe(layer, x)
         x = rmsnorm(x if all_logits else x[-1:], self.w["norm.scale"], c.rms_norm_eps)
         return F.linear(x, self.w["unembedding.weight"]).float()
+
+    # -- continuous batching over the paged KV cache ------------------------------------------------------------
+
+    def new_paged_cache(self, num_blocks: int, window_blocks: int, block_size: int) -> PagedKVCache:
+        return PagedKVCache.for_model(self.config, num_blocks, window_blocks, block_size, self.device)
+
+    @torch.inference_mode()
+    def forward_batch(self, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache) -> torch.Tensor:
+        """One scheduler step, as model.Transformer.forward_batch: each segment (a sequence and its next tokens)
+        runs at positions seq.length …; returns fp32 logits of the last token of each segment that reached the
+        end of its sequence's known tokens, in order; advances every sequence."""
+        for seq, part in segments:
+            cache.prepare(seq, part, prefill=seq.length < len(seq.tokens))
+        step = PagedStep.build(segments, cache)
+        graphs = self.paged_decoder
+        if step.decode_only and graphs is not None and graphs.cache is cache and len(segments) <= graphs.buckets[-1]:
+            logits = graphs.step(step)[: len(segments)]
+        else:
+            logits = self._paged_layers(step.to(self.device), cache, last_rows=True)
+        for seq, part in segments:
+            cache.advance(seq, len(part))
+        wanted = [seq.length >= len(seq.tokens) for seq, _ in segments]
+        if all(wanted):
+            return logits
+        return logits[torch.tensor(wanted, device=logits.device)]
+
+    def _paged_layers(self, step: "PagedStep", cache: PagedKVCache, last_rows: bool) -> torch.Tensor:
+        """The model over one step's rows; logits of each segment's last row (last_rows) or of every row."""
+        c = self.config
+        cos, sin = self.rope.cos_sin(step.positions)
+        x = self.embedding[step.tokens]
+        for layer in range(c.num_hidden_layers):
+            x = self._paged_attention(layer, x, cos, sin, step, cache)
+            x = self._moe(layer, x)
+        if last_rows and not step.decode_only:
+            x = x[step.last_rows]
+        x = rmsnorm(x, self.w["norm.scale"], c.rms_norm_eps)
+        return F.linear(x, self.w["unembedding.weight"]).float()
+
+    def _paged_attention(self, layer, x, cos, sin, step: "PagedStep", cache: PagedKVCache) -> torch.Tensor:
+        c, p = self.config, f"block.{layer}.attn."
+        n = x.shape[0]
+        sliding = c.is_sliding(layer)
+        keys, values = cache.keys[layer], cache.values[layer]  # pools [blocks, PAGE, KVH, D]
+        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
+        qkv = F.linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
+        rows = step.rows_window if sliding else step.rows_full
+        q = rope_and_cache(qkv, cos, sin, rows, keys.flatten(0, 1), values.flatten(0, 1),
+                           c.num_attention_heads, c.num_key_value_heads)
+        window = c.sliding_window if sliding else 0
+        table = step.table_window if sliding else step.table_full
+        sinks = self.w[p + "sinks"]
+        if step.decode_only:
+            splits = step.splits.get(window) if step.splits else None
+            out = attention_decode(q, keys, values, sinks, step.kv_lens, window=window, splits=splits, block_table=table)
+        else:
+            out = torch.empty_like(q)
+            if step.decode_count:  # one-token segments: the decode kernel, in one launch
+                d = step.decode_segments
+                out[step.decode_rows] = attention_decode(q[step.decode_rows], keys, values, sinks, step.kv_lens[d],
+                                                         window=window, block_table=table[d])
+            for segment, row, length, start in step.prefills:  # prompt chunks: one flash launch each
+                attention_prefill(q[None, row : row + length], keys, values, sinks, start_pos=start, window=window,
+                                  block_table=table[segment : segment + 1], out=out[None, row : row + length])
+        return x + F.linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"])
 
     def _attention(self, layer, x, cos, sin, rows, kv, start: int | None, kv_lens) -> torch.Tensor:
         """start None: every row of x is one new token of its own sequence (decode); else a prefill chunk."""
@@ -210,7 +285,7 @@ class CudaGraphBatchDecoder:
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
         self.idle_position = cache.capacity - 1
         self.positions = torch.full((cache.batch,), self.idle_position, dtype=torch.long, device=device)
-        self.graphs, self.logits, pool = {}, {}, None
+        self.graphs, self.logits, self.steps, pool = {}, {}, {}, None
         for bucket in self.buckets:
             tokens, positions = self.tokens[:bucket], self.positions[:bucket]
             side = torch.cuda.Stream(device)
@@ -256,6 +331,12 @@ class GraphedFastTransformer(FastTransformer):
         super().__init__(config, weights)
         self.decoder: CudaGraphDecoder | None = None
 
+    def capture_paged(self, cache: PagedKVCache, max_blocks: int, max_batch: int) -> None:
+        """Capture the decode-step graphs of continuous batching over `cache` (sequences up to max_blocks blocks)."""
+        if self.device.type == "cuda":
+            self.paged_decoder = None  # free the old graphs' pool first
+            self.paged_decoder = PagedGraphDecoder(self, cache, max_blocks, max_batch)
+
     def new_cache(self, capacity: int) -> KVCache:
         cache = super().new_cache(capacity)
         if self.device.type == "cuda":
@@ -269,3 +350,165 @@ class GraphedFastTransformer(FastTransformer):
         if decoder is not None and decoder.cache is cache and len(tokens) == 1:
             return decoder.step(tokens.to(self.device).view(1)).clone()  # the static buffer is rewritten next step
         return super().forward(tokens, cache, all_logits)
+
+
+@dataclass
+class PagedStep:
+    """One scheduler step's inputs, as the kernels want them: per row (token) and per segment (sequence)."""
+
+    tokens: torch.Tensor  # int64 [rows]
+    positions: torch.Tensor  # int64 [rows]
+    rows_full: torch.Tensor  # int64 [rows]: cache row (block * PAGE + offset) of each token's keys, full layers
+    rows_window: torch.Tensor  # the same in the sliding-window pools
+    kv_lens: torch.Tensor  # int32 [segments]: keys each segment's last token sees
+    table_full: torch.Tensor  # int32 [segments, blocks]
+    table_window: torch.Tensor
+    decode_only: bool  # every segment is one token (the decode kernel takes the whole step)
+    decode_count: int  # one-token segments (in a mixed step) …
+    decode_segments: slice | torch.Tensor  # … which they are
+    decode_rows: slice | torch.Tensor  # their rows (a slice when they come first, as the scheduler puts them)
+    prefills: list[tuple[int, int, int, int]]  # (segment, first row, length, start position) of longer ones
+    last_rows: torch.Tensor  # int64 [segments]: the last row of each segment
+    splits: dict[int, int] | None = None  # decode splits per window, fixed for a CUDA graph
+
+    @classmethod
+    def build(cls, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache) -> "PagedStep":
+        """Host arrays (numpy, then CPU tensors) for the segments, whose blocks `cache.prepare` has allocated."""
+        tokens, positions, rows_full, rows_window = [], [], [], []
+        decode_segments, decode_rows, prefills, last_rows = [], [], [], []
+        row = 0
+        for index, (seq, part) in enumerate(segments):
+            start, length = seq.length, len(part)
+            full, window = cache.rows(seq, start, start + length)
+            tokens.append(np.asarray(part, dtype=np.int64))
+            positions.append(np.arange(start, start + length, dtype=np.int64))
+            rows_full.append(full)
+            rows_window.append(window)
+            if length == 1:
+                decode_segments.append(index)
+                decode_rows.append(row)
+            else:
+                prefills.append((index, row, length, start))
+            row += length
+            last_rows.append(row - 1)
+        slots = [seq.slot for seq, _ in segments]
+        count = len(decode_rows)
+        if decode_rows == list(range(count)) and decode_segments == decode_rows:
+            decode_rows = decode_segments = slice(0, count)
+        cols = max(cache.blocks_needed(seq.length + len(part)) for seq, part in segments)
+        return cls(
+            tokens=torch.from_numpy(np.concatenate(tokens)),
+            positions=torch.from_numpy(np.concatenate(positions)),
+            rows_full=torch.from_numpy(np.concatenate(rows_full)),
+            rows_window=torch.from_numpy(np.concatenate(rows_window)),
+            kv_lens=torch.tensor([seq.length + len(part) for seq, part in segments], dtype=torch.int32),
+            table_full=torch.from_numpy(np.ascontiguousarray(cache.table_full[slots, :cols])),
+            table_window=torch.from_numpy(np.ascontiguousarray(cache.table_window[slots, :cols])),
+            decode_only=not prefills,
+            decode_count=count,
+            decode_segments=_index(decode_segments),
+            decode_rows=_index(decode_rows),
+            prefills=prefills,
+            last_rows=torch.tensor(last_rows),
+        )
+
+    def to(self, device) -> "PagedStep":
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("tokens", "positions", "rows_full", "rows_window", "kv_lens", "table_full", "table_window",
+                  "last_rows", "decode_segments", "decode_rows") if isinstance(getattr(self, name), torch.Tensor)}
+        return PagedStep(**{**self.__dict__, **moved})
+
+
+def _index(items: list[int] | slice) -> slice | torch.Tensor:
+    return items if isinstance(items, slice) else torch.tensor(items, dtype=torch.long)
+
+
+class PagedGraphDecoder:
+    """Decode-only steps over the paged cache: one captured CUDA graph per batch-size bucket.
+
+    Static device buffers hold a step's per-row inputs and block tables (as wide as the context); a step
+    fills the first n rows, pads the rest of its bucket with idle rows (token 0 at position 0, writing into
+    the pools' scratch block and reading only it), copies everything over in three transfers and replays.
+    The graphs share one memory pool (one replays at a time). Attention splits are fixed per bucket for the
+    longest context.
+    """
+
+    def __init__(self, model: FastTransformer, cache: PagedKVCache, max_blocks: int, max_batch: int,
+                 buckets=(1, 2, 4, 8, 16, 32, 64)):
+        self.model, self.cache = model, cache
+        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        device, top, page = model.device, self.buckets[-1], cache.block_size
+        self.max_blocks = max_blocks
+        # Pinned host staging: per-row int64 (tokens, positions, rows_full, rows_window), kv_lens, two tables.
+        self.host_rows = torch.zeros(4, top, dtype=torch.long, pin_memory=True)
+        self.host_lens = torch.ones(top, dtype=torch.int32, pin_memory=True)
+        self.host_tables = torch.zeros(2, top, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.rows = torch.zeros(4, top, dtype=torch.long, device=device)
+        self.kv_lens = torch.ones(top, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(2, top, max_blocks, dtype=torch.int32, device=device)
+        self.idle = (0, 0, cache.scratch_full * page, cache.scratch_window * page)
+        self._fill_idle(0, top)
+        self.rows.copy_(self.host_rows)
+        self.tables.copy_(self.host_tables)
+        c = model.config
+        self.graphs, self.logits, self.steps, pool = {}, {}, {}, None
+        for bucket in self.buckets:
+            step = self._static_step(bucket)
+            step.splits = {
+                0: pick_splits(bucket, c.num_key_value_heads, max_blocks * page, block_config("attn_decode", device)["BLOCK_N"], device),
+                c.sliding_window: pick_splits(bucket, c.num_key_value_heads, min(c.sliding_window, max_blocks * page),
+                                              block_config("attn_decode", device)["BLOCK_N"], device),
+            }
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles every kernel outside the capture
+                    model._paged_layers(step, cache, last_rows=False)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bucket] = model._paged_layers(step, cache, last_rows=False)
+            pool = graph.pool()
+            self.graphs[bucket] = graph
+            self.steps[bucket] = step
+        self.copied = torch.cuda.Event()  # the last step's transfers are done: the staging may be refilled
+        self.copied.record()
+
+    def _static_step(self, bucket: int) -> PagedStep:
+        return PagedStep(
+            tokens=self.rows[0, :bucket], positions=self.rows[1, :bucket], rows_full=self.rows[2, :bucket],
+            rows_window=self.rows[3, :bucket], kv_lens=self.kv_lens[:bucket],
+            table_full=self.tables[0, :bucket], table_window=self.tables[1, :bucket], decode_only=True, decode_count=bucket,
+            decode_segments=slice(0, bucket), decode_rows=slice(0, bucket), prefills=[],
+            last_rows=torch.arange(bucket, device=self.rows.device),
+        )
+
+    def _fill_idle(self, first: int, end: int) -> None:
+        for i, value in enumerate(self.idle):
+            self.host_rows[i, first:end] = value
+        self.host_lens[first:end] = 1
+        self.host_tables[0, first:end] = self.cache.scratch_full
+        self.host_tables[1, first:end] = self.cache.scratch_window
+
+    def bucket_for(self, n: int) -> int:
+        return next(b for b in self.buckets if n <= b)
+
+    def step(self, step: PagedStep) -> torch.Tensor:
+        """A decode-only step (host tensors from PagedStep.build) -> logits [bucket, vocab], rows n … idle."""
+        n = step.tokens.shape[0]
+        bucket = self.bucket_for(n)
+        cols = step.table_full.shape[1]
+        assert cols <= self.max_blocks, "a sequence outgrew the context the graphs were captured for"
+        self.copied.synchronize()
+        for i, name in enumerate(("tokens", "positions", "rows_full", "rows_window")):
+            self.host_rows[i, :n] = getattr(step, name)
+        self.host_lens[:n] = step.kv_lens
+        self.host_tables[0, :n, :cols] = step.table_full
+        self.host_tables[1, :n, :cols] = step.table_window
+        self._fill_idle(n, bucket)
+        self.rows[:, :bucket].copy_(self.host_rows[:, :bucket], non_blocking=True)
+        self.kv_lens[:bucket].copy_(self.host_lens[:bucket], non_blocking=True)
+        self.tables[:, :bucket].copy_(self.host_tables[:, :bucket], non_blocking=True)
+        self.copied.record()
+        self.graphs[bucket].replay()
+        return self.logits[bucket]

@@ -279,11 +279,7 @@ class Transformer(torch.nn.Module):
         return F.linear(x, self.unembedding).float()
 
     def new_paged_cache(self, num_blocks: int, window_blocks: int, block_size: int) -> PagedKVCache:
-        c = self.config
-        sliding = [c.is_sliding(n) for n in range(c.num_hidden_layers)]
-        return PagedKVCache(
-            sliding, c.sliding_window, c.num_key_value_heads, c.head_dim, num_blocks, window_blocks, block_size, self.device
-        )
+        return PagedKVCache.for_model(self.config, num_blocks, window_blocks, block_size, self.device)
 
     @torch.inference_mode()
     def forward_batch(self, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache) -> torch.Tensor:

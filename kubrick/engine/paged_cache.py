@@ -27,6 +27,7 @@ import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 DEFAULT_BLOCK_SIZE = 16
@@ -122,6 +123,7 @@ class SequenceBlocks:
     keyed: int = 0  # leading full blocks already given their content key
     last_key: bytes = b""  # the key of block keyed-1, where the chain goes on
     window_reserved: int = 0  # window-pool blocks this sequence may hold at once
+    slot: int = -1  # its row in the block tables while admitted
 
 
 class PagedKVCache:
@@ -140,8 +142,8 @@ class PagedKVCache:
         self.block_size, self.window = block_size, window
         self.sliding = sliding
         self.full_pool, self.window_pool = BlockPool(num_blocks), BlockPool(window_blocks)
-        shape_full = (num_blocks, block_size, kv_heads, head_dim)
-        shape_window = (window_blocks, block_size, kv_heads, head_dim)
+        shape_full = (num_blocks + 1, block_size, kv_heads, head_dim)  # + the scratch block
+        shape_window = (window_blocks + 1, block_size, kv_heads, head_dim)
         self.keys, self.values = [], []
         for is_sliding in sliding:  # one [blocks, block_size, kv_heads, head_dim] tensor per layer
             shape = shape_window if is_sliding else shape_full
@@ -150,6 +152,21 @@ class PagedKVCache:
             self.values.append(torch.empty(shape, dtype=dtype, device=device))
         self.sequences: dict[int, SequenceBlocks] = {}  # admitted and not yet released, by id()
         self.prefix_reuse = True  # off: every prompt is computed in full (to measure what reuse saves)
+        # Block tables for kernels that read the blocks in place: row = a sequence's slot, column = its logical
+        # block index, value = the pool block (the window table's released columns go stale; no query reads
+        # them). Each pool has one scratch block past its last, never handed out: unused table entries point at
+        # it, and padding rows of a CUDA-graph step write there.
+        self.scratch_full, self.scratch_window = num_blocks, window_blocks
+        self.table_full = np.full((0, 0), self.scratch_full, dtype=np.int32)
+        self.table_window = np.full((0, 0), self.scratch_window, dtype=np.int32)
+        self.free_slots: list[int] = []
+
+    @classmethod
+    def for_model(cls, config, num_blocks: int, window_blocks: int, block_size: int, device) -> "PagedKVCache":
+        """The cache for a gpt-oss ModelConfig: which layers slide, the window, the KV heads and head size."""
+        sliding = [config.is_sliding(n) for n in range(config.num_hidden_layers)]
+        return cls(sliding, config.sliding_window, config.num_key_value_heads, config.head_dim, num_blocks,
+                   window_blocks, block_size, device)
 
     # -- sizes -------------------------------------------------------------------------------------------
 
@@ -206,7 +223,50 @@ class PagedKVCache:
             self.release(seq)
             return None
         self.sequences[id(seq)] = seq
+        self._give_slot(seq)
         return seq
+
+    # -- block tables ------------------------------------------------------------------------------------------
+
+    def _give_slot(self, seq: SequenceBlocks) -> None:
+        if not self.free_slots:  # grow by a few rows at a time (admission, not the cache, bounds the count)
+            rows = len(self.table_full)
+            grow = max(8, rows)
+            self.table_full = self._grown(self.table_full, rows + grow, self.table_full.shape[1], self.scratch_full)
+            self.table_window = self._grown(self.table_window, rows + grow, self.table_window.shape[1], self.scratch_window)
+            self.free_slots = list(range(rows + grow - 1, rows - 1, -1))
+        seq.slot = self.free_slots.pop()
+        self.table_full[seq.slot] = self.scratch_full
+        self.table_window[seq.slot] = self.scratch_window
+        self._set_table(seq, 0)
+
+    @staticmethod
+    def _grown(table: np.ndarray, rows: int, cols: int, fill: int) -> np.ndarray:
+        bigger = np.full((rows, cols), fill, dtype=np.int32)
+        bigger[: table.shape[0], : table.shape[1]] = table
+        return bigger
+
+    def _set_table(self, seq: SequenceBlocks, first: int) -> None:
+        """Write the sequence's block ids from logical block `first` on into its table rows."""
+        if seq.slot < 0:
+            return
+        cols = max(len(seq.full), max(seq.window, default=-1) + 1)
+        if cols > self.table_full.shape[1]:
+            wide = max(cols, 2 * self.table_full.shape[1], 64)
+            self.table_full = self._grown(self.table_full, len(self.table_full), wide, self.scratch_full)
+            self.table_window = self._grown(self.table_window, len(self.table_window), wide, self.scratch_window)
+        self.table_full[seq.slot, first : len(seq.full)] = seq.full[first:]
+        for index, block in seq.window.items():
+            if index >= first:
+                self.table_window[seq.slot, index] = block
+
+    def rows(self, seq: SequenceBlocks, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cache rows (pool block * block_size + offset) of positions start … end-1: (full pools, window pools)."""
+        index = np.arange(start, end)
+        blocks, offsets = index // self.block_size, index % self.block_size
+        full = self.table_full[seq.slot, blocks].astype(np.int64) * self.block_size + offsets
+        window = self.table_window[seq.slot, blocks].astype(np.int64) * self.block_size + offsets
+        return full, window
 
     def _take_prefix(self, seq: SequenceBlocks) -> None:
         """Share the longest cached prefix of whole blocks (leaving at least one prompt token to compute)."""
@@ -239,6 +299,9 @@ class PagedKVCache:
     def release(self, seq: SequenceBlocks) -> None:
         """Give back everything a sequence holds or reserved (completion, cancellation, error)."""
         self.sequences.pop(id(seq), None)
+        if seq.slot >= 0:
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
         for block in seq.full:
             self.full_pool.release(block)
         for block in seq.window.values():
@@ -250,11 +313,13 @@ class PagedKVCache:
     def prepare(self, seq: SequenceBlocks, tokens: list[int], prefill: bool) -> None:
         """Make room for `tokens` at positions seq.length …: allocate their blocks (already reserved)."""
         end = seq.length + len(tokens)
+        first = seq.length // self.block_size  # the first block this step writes
         while len(seq.full) < self.blocks_needed(end):
             seq.full.append(self.full_pool.allocate())
-        for index in range(seq.length // self.block_size, self.blocks_needed(end)):
+        for index in range(first, self.blocks_needed(end)):
             if index not in seq.window:
                 seq.window[index] = self.window_pool.allocate()
+        self._set_table(seq, first)
         if seq.length >= len(seq.tokens):
             seq.tokens.extend(tokens)
         if prefill and seq.prefilled == seq.length:

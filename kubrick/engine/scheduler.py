@@ -256,19 +256,24 @@ class Scheduler:
             for active, _ in plan:
                 self._end(active, error=err)
             return
-        for active, row in zip([a for a, _ in plan if a.prefill_left == 0], logits):  # rows only for these
+        finished = [a for a, _ in plan if a.prefill_left == 0]  # logits rows exist only for these
+        greedy = [a.sampler.temperature == 0 for a in finished]
+        # Greedy rows: one argmax over the batch and one transfer, not a device round trip per row.
+        picks = logits[:, : finished[0].vocab].argmax(-1).tolist() if any(greedy) else [None] * len(finished)
+        for active, row, is_greedy, pick in zip(finished, logits, greedy, picks):
             try:
-                self._on_logits(active, row)
+                self._on_logits(active, row, pick if is_greedy else None)
             except Exception as err:  # sampling or parsing broke on this request; keep serving the others
                 log.exception("request %d failed", active.handle.id)
                 self._end(active, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
 
-    def _on_logits(self, a: _Active, logits) -> None:
-        """Sample this request's next token and stream what it completes (as Engine.generate does)."""
+    def _on_logits(self, a: _Active, logits, greedy_pick: int | None = None) -> None:
+        """Sample this request's next token (or take the batch's greedy pick) and stream what it completes
+        (as Engine.generate does)."""
         if a.handle.cancelled:
             self._end(a, "cancelled")
             return
-        token = a.sampler(logits[: a.vocab])  # a padded vocabulary's extra ids mean nothing
+        token = greedy_pick if greedy_pick is not None else a.sampler(logits[: a.vocab])  # a padded vocabulary's extra ids mean nothing
         a.produced += 1
         a.handle.generated_tokens = a.produced
         if a.first_token_at is None:

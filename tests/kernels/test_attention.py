@@ -52,3 +52,54 @@ def test_decode_matches_reference(device, dtype, window, splits):
         pos = torch.tensor([n - 1], device=device)
         expected = reference.attention(q[b : b + 1], k[b], v[b], sinks, pos, n, window)[0]
         assert rel_error(out[b], expected) < BOUNDS[dtype]
+
+
+def paged(k, v, page, seed, stale_before=None):
+    """The same keys/values scattered into a shuffled pool of PAGE-row blocks (NaN everywhere else), and the
+    block table that finds them. stale_before[b]: sequence b's logical blocks before it point at a NaN block,
+    as a sliding-window layer's released blocks do."""
+    batch, seq, kv_heads, head_dim = k.shape
+    per_seq = seq // page
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(batch * per_seq + 3, generator=gen)  # 3 spare blocks, left NaN
+    table = order[: batch * per_seq].view(batch, per_seq).to(torch.int32)
+    k_pool = torch.full((batch * per_seq + 3, page, kv_heads, head_dim), float("nan"), dtype=k.dtype, device=k.device)
+    v_pool = k_pool.clone()
+    for b in range(batch):
+        for j in range(per_seq):
+            k_pool[table[b, j]] = k[b, j * page : (j + 1) * page]
+            v_pool[table[b, j]] = v[b, j * page : (j + 1) * page]
+        if stale_before is not None:
+            table[b, : stale_before[b]] = order[-1]
+    return k_pool, v_pool, table.to(k.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,start_pos", [(0, 0), (8, 11), (0, 5)])
+def test_paged_prefill_reads_blocks_in_place(device, dtype, window, start_pos):
+    n_tokens = 21
+    q, k, v, sinks = random_cache(2, 48, 4, 2, 16, n_tokens, dtype, device, seed=7 + start_pos)
+    stale = [max(0, start_pos - window + 1) // 4] * 2 if window else None  # blocks no query of the chunk can see
+    k_pool, v_pool, table = paged(k, v, page=4, seed=start_pos, stale_before=stale)
+    out = attention_prefill(q, k_pool, v_pool, sinks, start_pos=start_pos, window=window, block_table=table,
+                            out=poisoned(q.shape, dtype, device))
+    positions = torch.arange(start_pos, start_pos + n_tokens, device=device)
+    for b in range(2):
+        expected = reference.attention(q[b], k[b], v[b], sinks, positions, start_pos + n_tokens, window)
+        assert rel_error(out[b], expected) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window,splits", [(0, 1), (0, 4), (16, 2)])
+def test_paged_decode_reads_blocks_in_place(device, dtype, window, splits):
+    kv_lens = torch.tensor([1, 37, 60], dtype=torch.int32, device=device)
+    q, k, v, sinks = random_cache(3, 64, 8, 2, 16, 1, dtype, device, seed=splits + window + 3)
+    q = q[:, 0]
+    stale = [max(0, n - window) // 8 for n in kv_lens.tolist()] if window else None
+    k_pool, v_pool, table = paged(k, v, page=8, seed=splits, stale_before=stale)
+    out = attention_decode(q, k_pool, v_pool, sinks, kv_lens, window=window, splits=splits, block_table=table,
+                           out=poisoned(q.shape, dtype, device))
+    for b, n in enumerate(kv_lens.tolist()):
+        pos = torch.tensor([n - 1], device=device)
+        expected = reference.attention(q[b : b + 1], k[b], v[b], sinks, pos, n, window)[0]
+        assert rel_error(out[b], expected) < BOUNDS[dtype]

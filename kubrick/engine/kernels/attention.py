@@ -12,6 +12,10 @@ decode:  one new query per sequence at position kv_len - 1. One program per (seq
          key range is cut into SPLITS pieces to fill the GPU, and a second small kernel merges the pieces'
          (max, sum, weighted values) together with the sink. kv_lens live on the device (CUDA-graph safe).
 Scores run in the exp2 domain (log2(e) folded into the scale).
+
+Paged caches (block_table given): k, v are [blocks, PAGE, KVH, D] pools and block_table int32 [B, max_blocks]
+maps sequence b's logical block j (positions j*PAGE …) to a pool block; the kernels look each key's row up
+in the table as they go, so nothing is gathered or copied (`_kv_rows`).
 """
 
 from __future__ import annotations
@@ -36,11 +40,21 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 
 @triton.jit
+def _kv_rows(table_ptr, batch, offs_n, mask_n, st_b, PAGE: tl.constexpr):
+    """The cache row of each key position: the position itself (PAGE 0: one contiguous cache per sequence),
+    or pool block * PAGE + offset through the sequence's block table."""
+    if PAGE == 0:
+        return offs_n.to(tl.int64)
+    page = tl.load(table_ptr + batch * st_b + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+    return page * PAGE + offs_n % PAGE
+
+
+@triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr,
-    sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h,
+    q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr, table_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h, st_b,
     n_tokens, start_pos, qk_scale,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -62,13 +76,16 @@ def _prefill_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
 
     hi = tl.minimum(start_pos + (pid_m + 1) * BLOCK_M, start_pos + n_tokens)
-    lo = 0
+    first = 0  # the oldest key any query of this block sees
     if WINDOW > 0:
-        lo = tl.maximum(start_pos + pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
-    for n0 in range(lo, hi, BLOCK_N):
+        first = tl.maximum(start_pos + pid_m * BLOCK_M - WINDOW + 1, 0)
+    for n0 in range(first // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        # Keys before `first` are never read: a paged window layer may have handed their blocks on already
+        # (masked scores alone would not do: 0 * a stale NaN value is NaN).
+        mask_n = (offs_n < hi) & (offs_n >= first)
+        rows = _kv_rows(table_ptr, batch, offs_n, mask_n, st_b, PAGE)
+        k = tl.load(k_base + rows[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
         visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
         if WINDOW > 0:
@@ -78,12 +95,30 @@ def _prefill_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(o_ptr + batch * so_b + offs_m[:, None] * so_t + head * so_h + offs_d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+class _CacheLayout:
+    """How a kernel walks a cache: per-sequence batch strides (contiguous) or a block table (paged, PAGE > 0)."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None, batch: int):
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        if block_table is None:
+            self.page, self.table, self.st_b = 0, k_cache, 0  # the table pointer is never read
+            self.sk_b, self.sv_b, self.positions = k_cache.stride(0), v_cache.stride(0), k_cache.shape[1]
+            return
+        blocks, page = k_cache.shape[:2]
+        # pool block * PAGE + offset is a row index: blocks must be evenly spaced rows of one tensor
+        assert k_cache.stride(0) == page * k_cache.stride(1) and v_cache.stride(0) == page * v_cache.stride(1)
+        assert block_table.dtype == torch.int32 and block_table.shape[0] >= batch and block_table.stride(1) == 1
+        self.page, self.table, self.st_b = page, block_table, block_table.stride(0)
+        self.sk_b = self.sv_b = 0  # sequences differ only by their table row
+        self.positions = block_table.shape[1] * page
 
 
 def attention_prefill(
@@ -95,22 +130,25 @@ def attention_prefill(
     window: int = 0,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, T, QH, D] at positions start_pos.., cache [B, S, KVH, D] holding keys 0..start_pos+T-1 -> [B, T, QH, D]."""
+    """q [B, T, QH, D] at positions start_pos.., cache [B, S, KVH, D] holding keys 0..start_pos+T-1 -> [B, T, QH, D].
+
+    With block_table int32 [B, max_blocks]: the cache is a paged pool [blocks, PAGE, KVH, D] (module docstring)."""
     batch, n_tokens, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert start_pos + n_tokens <= k_cache.shape[1] and q_heads % kv_heads == 0
+    layout = _CacheLayout(k_cache, v_cache, block_table, batch)
+    assert q.stride(-1) == 1 and start_pos + n_tokens <= layout.positions and q_heads % kv_heads == 0
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     out = torch.empty_like(q) if out is None else out
     cfg = block_config("attn_prefill", q.device)
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), batch * q_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, sinks, out,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        q, k_cache, v_cache, sinks, out, layout.table,
+        q.stride(0), q.stride(1), q.stride(2), layout.sk_b, k_cache.stride(1), k_cache.stride(2),
+        layout.sv_b, v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2), layout.st_b,
         n_tokens, start_pos, scale * LOG2E,
-        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, PAGE=layout.page,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -119,9 +157,9 @@ def attention_prefill(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, kv_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, qk_scale,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, kv_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, table_ptr,
+    sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, st_b, qk_scale,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     bk = tl.program_id(0)
@@ -153,14 +191,15 @@ def _decode_split_kernel(
     for n0 in range(s_lo, s_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < s_hi
-        k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        rows = _kv_rows(table_ptr, batch, offs_n, mask_n, st_b, PAGE)
+        k = tl.load(k_base + rows[:, None] * sk_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     row = (batch * Q_HEADS + heads) * SPLITS + split
@@ -208,18 +247,21 @@ def attention_decode(
     scale: float | None = None,
     splits: int | None = None,
     out: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, QH, D], one new token per sequence; cache [B, S, KVH, D]; kv_lens int32 [B] keys valid (incl. the new one).
 
     `splits` (a power of two) is fixed by the caller for CUDA graphs; by default it is picked for the cache size.
+    With block_table int32 [B, max_blocks]: the cache is a paged pool [blocks, PAGE, KVH, D] (module docstring).
     """
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q_heads % kv_heads == 0
+    layout = _CacheLayout(k_cache, v_cache, block_table, batch)
+    assert q.stride(-1) == 1 and q_heads % kv_heads == 0
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     cfg = block_config("attn_decode", q.device)
     if splits is None:
-        span = min(window, k_cache.shape[1]) if window > 0 else k_cache.shape[1]
+        span = min(window, layout.positions) if window > 0 else layout.positions
         splits = pick_splits(batch, kv_heads, span, cfg["BLOCK_N"], q.device)
     assert splits & (splits - 1) == 0
     out = torch.empty_like(q) if out is None else out
@@ -228,10 +270,10 @@ def attention_decode(
     part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     group = q_heads // kv_heads
     _decode_split_kernel[(batch * kv_heads, splits)](
-        q, k_cache, v_cache, kv_lens, part_m, part_l, part_acc,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), scale * LOG2E,
-        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, SPLITS=splits,
+        q, k_cache, v_cache, kv_lens, part_m, part_l, part_acc, layout.table,
+        q.stride(0), q.stride(1), layout.sk_b, k_cache.stride(1), k_cache.stride(2),
+        layout.sv_b, v_cache.stride(1), v_cache.stride(2), layout.st_b, scale * LOG2E,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, PAGE=layout.page, SPLITS=splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
