@@ -182,6 +182,10 @@ GROUPED_SWEEP = [
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
     for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (64, 64, 128, 4, 3),
                            (64, 64, 256, 4, 3), (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 128, 8, 4))
+] + [  # weights as the left operand (moe_grouped.py, SWAP): BLOCK_N weight rows x BLOCK_M tokens
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, SWAP=True)
+    for m, n, k, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 256, 8, 3),
+                           (16, 32, 256, 4, 4), (32, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 64, 128, 4, 3))
 ]
 
 
@@ -189,7 +193,7 @@ def sweep(layers: int) -> list[dict]:
     """Time the MoE kernels under other block tables (to choose the _common.py entries); failures are shown."""
     rows = []
     experts = moe_weights(layers)
-    for tokens in (1, 8, 64, 2048):
+    for tokens in (1, 8, 32, 64, 2048):
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
         routes = [routing(tokens, seed) for seed in range(layers)]
         kernels = [("moe_gemv", moe_gemv, GEMV_SWEEP)] if tokens <= 8 else []

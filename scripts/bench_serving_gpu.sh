@@ -16,7 +16,7 @@
 # PYTHONPATH, so it finds kubrick through a .pth file.
 #
 # Knobs (environment): KUBRICK_MAX_BATCH (default here 128, so the 128 level really batches 128),
-# KUBRICK_STEP_TOKENS (default here 1024), KUBRICK_KV_CACHE_MEMORY (engine default unless set), CONCURRENCY
+# KUBRICK_STEP_TOKENS (default here 512, the engine default: it bounds the inter-token gap), KUBRICK_KV_CACHE_MEMORY (engine default unless set), CONCURRENCY
 # (default 1,8,32,64,128), REQUESTS (per client, default 2), MAX_TOKENS (caps the mix's 128/256/512, default 512),
 # TURNS (default 6), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET (seconds, default 530).
 # For a dry run on a CPU machine: PYTHON=.venv/bin/python INSTALL=0 DEVICE=cpu CKPT=<a tiny checkpoint>
@@ -34,7 +34,7 @@ TURNS=${TURNS:-6}
 MAX_TOKENS=${MAX_TOKENS:-512}
 DEVICE=${DEVICE:-cuda:0}
 PYTHON=${PYTHON:-python3}
-export KUBRICK_MAX_BATCH=${KUBRICK_MAX_BATCH:-128} KUBRICK_STEP_TOKENS=${KUBRICK_STEP_TOKENS:-1024}
+export KUBRICK_MAX_BATCH=${KUBRICK_MAX_BATCH:-128} KUBRICK_STEP_TOKENS=${KUBRICK_STEP_TOKENS:-512}
 [ -n "${KUBRICK_KV_CACHE_MEMORY:-}" ] && export KUBRICK_KV_CACHE_MEMORY
 export PYTHONUNBUFFERED=1
 LOG=$OUT/log.txt

@@ -120,9 +120,12 @@ class FastTransformer:
         end of its sequence's known tokens, in order; advances every sequence."""
         for seq, part in segments:
             cache.prepare(seq, part, prefill=seq.length < len(seq.tokens))
-        step = PagedStep.build(segments, cache)
-        graphs = self.paged_decoder
-        if step.decode_only and graphs is not None and graphs.cache is cache and len(segments) <= graphs.buckets[-1]:
+        graphs = self.paged_decoder if self.paged_decoder is not None and self.paged_decoder.cache is cache else None
+        step = PagedStep.build(segments, cache, width=graphs.max_blocks if graphs else None)
+        if graphs is not None and step.decode_count <= graphs.buckets[-1]:
+            # The decode kernel's splits of the graph bucket that would hold these decodes: compiled already.
+            step.splits = graphs.steps[graphs.bucket_for(max(step.decode_count, 1))].splits
+        if step.decode_only and graphs is not None and len(segments) <= graphs.buckets[-1]:
             logits = graphs.step(step)[: len(segments)]
         else:
             logits = self._paged_layers(step.to(self.device), cache, last_rows=True)
@@ -159,15 +162,15 @@ class FastTransformer:
         window = c.sliding_window if sliding else 0
         table = step.table_window if sliding else step.table_full
         sinks = self.w[p + "sinks"]
+        splits = step.splits.get(window) if step.splits else None
         if step.decode_only:
-            splits = step.splits.get(window) if step.splits else None
             out = attention_decode(q, keys, values, sinks, step.kv_lens, window=window, splits=splits, block_table=table)
         else:
             out = torch.empty_like(q)
             if step.decode_count:  # one-token segments: the decode kernel, in one launch
                 d = step.decode_segments
                 out[step.decode_rows] = attention_decode(q[step.decode_rows], keys, values, sinks, step.kv_lens[d],
-                                                         window=window, block_table=table[d])
+                                                         window=window, splits=splits, block_table=table[d])
             for segment, row, length, start in step.prefills:  # prompt chunks: one flash launch each
                 attention_prefill(q[None, row : row + length], keys, values, sinks, start_pos=start, window=window,
                                   block_table=table[segment : segment + 1], out=out[None, row : row + length])
@@ -336,6 +339,25 @@ class GraphedFastTransformer(FastTransformer):
         if self.device.type == "cuda":
             self.paged_decoder = None  # free the old graphs' pool first
             self.paged_decoder = PagedGraphDecoder(self, cache, max_blocks, max_batch)
+            self._compile_mixed_steps(cache)
+
+    def _compile_mixed_steps(self, cache: PagedKVCache) -> None:
+        """Run prompts of each kind through forward_batch once, so that no request waits while Triton compiles
+        the kernels of eager steps (prefill attention, the grouped MoE's two block tables)."""
+        reuse, cache.prefix_reuse = cache.prefix_reuse, False
+        short, long = cache.admit([2] * 17, 18, 512), cache.admit([1] * 600, 601, 512)
+        try:
+            if short is None or long is None:
+                return  # a cache too small for this: the first requests compile instead
+            self.forward_batch([(short, [2] * 17)], cache)  # 17 tokens: the small MoE table
+            self.forward_batch([(short, [3]), (long, [1] * 512)], cache)  # a decode beside a long chunk
+            self.forward_batch([(long, [1] * 88)], cache)  # a chunk that starts mid-prompt, past the window
+        finally:
+            for seq in (short, long):
+                if seq is not None:
+                    cache.release(seq)
+            cache.drop_cached()
+            cache.prefix_reuse = reuse
 
     def new_cache(self, capacity: int) -> KVCache:
         cache = super().new_cache(capacity)
@@ -372,8 +394,11 @@ class PagedStep:
     splits: dict[int, int] | None = None  # decode splits per window, fixed for a CUDA graph
 
     @classmethod
-    def build(cls, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache) -> "PagedStep":
-        """Host arrays (numpy, then CPU tensors) for the segments, whose blocks `cache.prepare` has allocated."""
+    def build(cls, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache,
+              width: int | None = None) -> "PagedStep":
+        """Host arrays (numpy, then CPU tensors) for the segments, whose blocks `cache.prepare` has allocated.
+        width: block-table columns (default: as many as the longest segment needs; a fixed width keeps the
+        kernels from compiling a variant per table stride)."""
         tokens, positions, rows_full, rows_window = [], [], [], []
         decode_segments, decode_rows, prefills, last_rows = [], [], [], []
         row = 0
@@ -396,6 +421,9 @@ class PagedStep:
         if decode_rows == list(range(count)) and decode_segments == decode_rows:
             decode_rows = decode_segments = slice(0, count)
         cols = max(cache.blocks_needed(seq.length + len(part)) for seq, part in segments)
+        if width is not None and width >= cols:
+            cache.ensure_table_width(width)
+            cols = width
         return cls(
             tokens=torch.from_numpy(np.concatenate(tokens)),
             positions=torch.from_numpy(np.concatenate(positions)),

@@ -62,8 +62,7 @@ class HarmonyStream:
         self.encoding = encoding()
         self.parser: oh.StreamableParser | None = oh.StreamableParser(self.encoding, oh.Role.ASSISTANT)
         self.unplaced: list[int] = []  # tokens the parser holds in a header, not yet shown
-        self.raw: list[int] = []  # once the format is lost: tokens decoded as plain text
-        self.raw_sent = 0  # characters of decode(raw) already sent
+        self.raw: list[int] = []  # once the format is lost: tokens held until they end on a whole character
 
     def feed(self, token: int) -> list[ReasoningDelta | ContentDelta]:
         if self.parser is None:
@@ -105,5 +104,7 @@ class HarmonyStream:
         text = self.encoding.decode(self.raw)
         if not final and text.endswith("\ufffd"):
             return []  # a character split across tokens: wait for its other bytes
-        delta, self.raw_sent = text[self.raw_sent :], len(text)
-        return [ContentDelta(delta)] if delta else []
+        # The held tokens end on a character boundary: start afresh, so each token is decoded once (decoding
+        # the whole reply again every token cost O(n) a token, and a long reply O(n^2)).
+        self.raw = []
+        return [ContentDelta(text)] if text else []

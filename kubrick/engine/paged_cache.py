@@ -240,6 +240,13 @@ class PagedKVCache:
         self.table_window[seq.slot] = self.scratch_window
         self._set_table(seq, 0)
 
+    def ensure_table_width(self, cols: int) -> None:
+        """Block tables at least `cols` blocks wide (they grow on demand; a kernel caller may want them wider)."""
+        if cols > self.table_full.shape[1]:
+            wide = max(cols, 2 * self.table_full.shape[1], 64)
+            self.table_full = self._grown(self.table_full, len(self.table_full), wide, self.scratch_full)
+            self.table_window = self._grown(self.table_window, len(self.table_window), wide, self.scratch_window)
+
     @staticmethod
     def _grown(table: np.ndarray, rows: int, cols: int, fill: int) -> np.ndarray:
         bigger = np.full((rows, cols), fill, dtype=np.int32)
@@ -250,11 +257,7 @@ class PagedKVCache:
         """Write the sequence's block ids from logical block `first` on into its table rows."""
         if seq.slot < 0:
             return
-        cols = max(len(seq.full), max(seq.window, default=-1) + 1)
-        if cols > self.table_full.shape[1]:
-            wide = max(cols, 2 * self.table_full.shape[1], 64)
-            self.table_full = self._grown(self.table_full, len(self.table_full), wide, self.scratch_full)
-            self.table_window = self._grown(self.table_window, len(self.table_window), wide, self.scratch_window)
+        self.ensure_table_width(max(len(seq.full), max(seq.window, default=-1) + 1))
         self.table_full[seq.slot, first : len(seq.full)] = seq.full[first:]
         for index, block in seq.window.items():
             if index >= first:

@@ -88,6 +88,7 @@ class Scheduler:
         self._waiting: deque[RequestHandle] = deque()
         self._running: list = []  # RequestHandles (one at a time) or _Active requests (batched)
         self._prepared: dict[int, tuple] = {}  # waiting requests already checked: id -> (prompt, params, positions)
+        self._pending: list[tuple[_Active, int]] = []  # sampled tokens whose text is still to be streamed
         self._lock = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
@@ -246,6 +247,7 @@ class Scheduler:
     def _step(self) -> None:
         plan = self._plan()
         if not plan:
+            self._flush_pending()
             return
         try:
             logits = self.engine.forward_batch([(a.seq, tokens) for a, tokens in plan])
@@ -253,14 +255,20 @@ class Scheduler:
             if not isinstance(err, EngineError):
                 log.exception("engine step failed")
                 err = EngineError(f"the engine failed on this request ({type(err).__name__}: {err})")
+            self._flush_pending()
             for active, _ in plan:
                 self._end(active, error=err)
             return
         finished = [a for a, _ in plan if a.prefill_left == 0]  # logits rows exist only for these
+        # The last step's text is parsed and streamed now, while the GPU runs this step (a stop string found
+        # there ends its request; this step's row for it is then dropped).
+        self._flush_pending()
         greedy = [a.sampler.temperature == 0 for a in finished]
         # Greedy rows: one argmax over the batch and one transfer, not a device round trip per row.
         picks = logits[:, : finished[0].vocab].argmax(-1).tolist() if any(greedy) else [None] * len(finished)
         for active, row, is_greedy, pick in zip(finished, logits, greedy, picks):
+            if active.ended:
+                continue
             try:
                 self._on_logits(active, row, pick if is_greedy else None)
             except Exception as err:  # sampling or parsing broke on this request; keep serving the others
@@ -281,6 +289,16 @@ class Scheduler:
         if token in a.stop_tokens:
             self._end(a, "stop")
             return
+        if a.produced >= a.params.max_tokens or len(a.prompt) + a.produced >= self.engine.context_length:
+            self._stream_text(a, token)
+            if not a.ended:
+                self._end(a, "length")
+            return
+        a.next_token = token
+        self._pending.append((a, token))  # streamed after the next step is on its way
+
+    def _stream_text(self, a: _Active, token: int) -> None:
+        """Parse one token into reasoning/answer text and stream it; a stop string ends the request."""
         for delta in a.parser.feed(token):
             text, stopped = a.stops.push(delta)
             if text:
@@ -288,13 +306,23 @@ class Scheduler:
             if stopped:
                 self._end(a, "stop")
                 return
-        if a.produced >= a.params.max_tokens or len(a.prompt) + a.produced >= self.engine.context_length:
-            self._end(a, "length")
-            return
-        a.next_token = token
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for a, token in pending:
+            if a.ended:
+                continue
+            try:
+                self._stream_text(a, token)
+            except Exception as err:  # parsing broke on this request; keep serving the others
+                log.exception("request %d failed", a.handle.id)
+                self._end(a, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
 
     def _end(self, a: _Active, reason: str = "", error: EngineError | None = None) -> None:
         """A request leaves the batch: its blocks go back at once, then its last events."""
+        if a.ended:
+            return
+        a.ended = True
         self.engine.paged.release(a.seq)
         with self._lock:
             if a in self._running:
@@ -397,6 +425,7 @@ class _Active:
         self.stop_tokens, self.vocab = stop_tokens, harmony.VOCAB_SIZE
         self.sampler, self.parser, self.stops = Sampler(params), harmony.HarmonyStream(), StopStrings(params.stop)
         self.produced = 0
+        self.ended = False  # left the batch (its events are sent or on their way)
         self.next_token: int | None = None  # sampled, to be fed at the next step
         self.started = time.perf_counter()
         self.first_token_at: float | None = None

@@ -49,7 +49,9 @@ def _kv_rows(table_ptr, batch, offs_n, mask_n, st_b, PAGE: tl.constexpr):
     return page * PAGE + offs_n % PAGE
 
 
-@triton.jit
+# Prompt chunks of any length at any position, and any table row, must not each compile a variant of their own
+# (Triton specialises integers on divisibility by 16, pointers on alignment): a compile stalls every stream.
+@triton.jit(do_not_specialize=["n_tokens", "start_pos", "st_b"], do_not_specialize_on_alignment=["table_ptr"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr, table_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h, st_b,
@@ -155,7 +157,7 @@ def attention_prefill(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_b"], do_not_specialize_on_alignment=["table_ptr"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kv_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, table_ptr,
     sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, st_b, qk_scale,
