@@ -182,10 +182,6 @@ GROUPED_SWEEP = [
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
     for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (64, 64, 128, 4, 3),
                            (64, 64, 256, 4, 3), (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 128, 8, 4))
-] + [  # weights as the left operand (moe_grouped.py, SWAP): BLOCK_N weight rows x BLOCK_M tokens
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, SWAP=True)
-    for m, n, k, w, st in ((16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 256, 8, 3),
-                           (16, 32, 256, 4, 4), (32, 64, 128, 4, 3), (64, 128, 128, 8, 3), (64, 64, 128, 4, 3))
 ]
 
 

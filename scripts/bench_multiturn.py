@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+from httpx_sse import EventSource  # SSE line splitting: httpx's iter_lines also splits on U+2028 & co.
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serving import (
@@ -49,10 +50,8 @@ def turn(client: httpx.Client, url: str, history: list[dict], max_tokens: int) -
     }
     sent, ttft, engine_ttft, prompt, answer = time.perf_counter(), None, float("nan"), 0, []
     with client.stream("POST", f"{url}/v2/models/{MODEL}/generate_stream", json=body) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            payload = json.loads(line[5:])
+        for sse in EventSource(response).iter_sse():
+            payload = json.loads(sse.data)
             if "error" in payload:
                 raise SystemExit(f"server error: {payload['error']}")
             event = json.loads(payload["text_output"])

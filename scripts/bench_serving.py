@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from httpx_sse import EventSource  # SSE line splitting: httpx's iter_lines also splits on U+2028 & co.
 
 MODEL = "llm_decoupled"
 QUESTION = "Explain, in plain words for a curious child, how a bicycle stays upright while it moves. "
@@ -92,6 +93,7 @@ class Result:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_ttft: float | None = None  # the engine's own: request start -> first sampled token (no queue, no HTTP)
+    engine_rate: float | None = None  # the engine's own decode tokens/s for this request
     error: str | None = None
 
 
@@ -118,10 +120,8 @@ def _stream(client: httpx.Client, url: str, body: dict, result: Result, last: fl
         if response.status_code != 200:
             result.error = f"HTTP {response.status_code}: {response.read().decode(errors='replace')[:200]}"
             return
-        for line in response.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            payload = json.loads(line[5:])
+        for sse in EventSource(response).iter_sse():
+            payload = json.loads(sse.data)
             if "error" in payload:
                 result.error = str(payload["error"])[:300]
                 return
@@ -138,6 +138,7 @@ def _stream(client: httpx.Client, url: str, body: dict, result: Result, last: fl
                 result.prompt_tokens = usage.get("prompt_tokens", 0)
                 result.completion_tokens = usage["completion_tokens"]
                 result.engine_ttft = usage.get("time_to_first_token_s")
+                result.engine_rate = usage.get("tokens_per_s")
             elif event["type"] == "error":
                 result.error = str(event["content"])[:300]
 
@@ -211,6 +212,9 @@ def summarize(results: list[Result], clients: int, cap: int) -> dict:
         "engine_ttft_p50_ms": percentile([r.engine_ttft for r in ok if r.engine_ttft is not None], 50) * 1e3,
         "itl_p50_ms": percentile(gaps, 50) * 1e3,
         "itl_p99_ms": percentile(gaps, 99) * 1e3,
+        # What one stream sees once it is streaming: text events a second between its first and last event.
+        "stream_tok_per_s_p50": percentile([len(r.gaps) / sum(r.gaps) for r in ok if len(r.gaps) > 1 and sum(r.gaps) > 0], 50),
+        "engine_stream_tok_per_s_p50": percentile([r.engine_rate for r in ok if r.engine_rate], 50),
     }
 
 
@@ -304,8 +308,8 @@ def stop_on_sigterm() -> None:
 
 HEADER = (
     "| clients | requests | errors | prompt tokens (mean) | output tokens | wall s | output tok/s | TTFT p50 ms "
-    "| TTFT p99 ms | engine TTFT p50 ms | ITL p50 ms | ITL p99 ms |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "| TTFT p99 ms | engine TTFT p50 ms | ITL p50 ms | ITL p99 ms | one stream tok/s p50 | engine's own p50 |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -322,7 +326,8 @@ def row(f: dict) -> str:
     return (
         f"| {f['clients']} | {f['requests']} | {f['errors']} | {f['prompt_tokens_mean']:.0f} | "
         f"{f['completion_tokens']} | {f['wall_s']:.1f} | {f['output_tok_per_s']:.1f} | {f['ttft_p50_ms']:.1f} | "
-        f"{f['ttft_p99_ms']:.1f} | {f['engine_ttft_p50_ms']:.1f} | {f['itl_p50_ms']:.1f} | {f['itl_p99_ms']:.1f} |\n"
+        f"{f['ttft_p99_ms']:.1f} | {f['engine_ttft_p50_ms']:.1f} | {f['itl_p50_ms']:.1f} | {f['itl_p99_ms']:.1f} | "
+        f"{f['stream_tok_per_s_p50']:.1f} | {f['engine_stream_tok_per_s_p50']:.1f} |\n"
     )
 
 

@@ -9,10 +9,6 @@ one expert. Tiles past the end get expert -1 and exit at once (the grid is sized
         (a token's k experts live in different tiles).
 Packed bytes hold K positions (2j, 2j+1) in (low, high) nibble, so each K step runs two dots: activations at
 even K positions against the low nibbles, odd against the high ones; no interleave shuffle is needed.
-
-SWAP (block table entry): compute the transposed tile, weights x activations^T, so the dequantised weights are
-tl.dot's left operand ([BLOCK_N weight rows, K], read along their contiguous bytes) and the few tokens of a
-decode batch its narrow right one (BLOCK_M of 16): the shape the MMA units want when an expert sees few tokens.
 """
 
 from __future__ import annotations
@@ -50,18 +46,11 @@ def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _dequant_tile(w_blocks, w_scales, rows, row_mask, b, K_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  ROWS_FIRST: tl.constexpr = False):
-    """Weights of `rows` at byte columns b: (low nibbles, high nibbles), each [len(b), len(rows)] (tl.dot's right
-    operand), or [len(rows), len(b)] with ROWS_FIRST (its left operand)."""
-    if ROWS_FIRST:
-        mask = row_mask[:, None] & (b[None, :] < K_BYTES)
-        offsets = rows[:, None] * K_BYTES + b[None, :]
-    else:
-        mask = (b[:, None] < K_BYTES) & row_mask[None, :]
-        offsets = rows[None, :] * K_BYTES + b[:, None]
-    packed = tl.load(w_blocks + offsets, mask=mask, other=0).to(tl.int32)
-    scale = tl.load(w_scales + offsets // 16, mask=mask, other=0).to(tl.int32)  # one scale per 16 bytes of a row
+def _dequant_tile(w_blocks, w_scales, rows, row_mask, b, K_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Weights of `rows` at byte columns b, transposed for tl.dot: (low nibbles, high nibbles), each [len(b), len(rows)]."""
+    mask = (b[:, None] < K_BYTES) & row_mask[None, :]
+    packed = tl.load(w_blocks + rows[None, :] * K_BYTES + b[:, None], mask=mask, other=0).to(tl.int32)
+    scale = tl.load(w_scales + rows[None, :] * (K_BYTES // 16) + b[:, None] // 16, mask=mask, other=0).to(tl.int32)
     scale = e8m0_times_16384(scale)
     low = (e2m1_over_16384(packed & 15) * scale).to(DOT_DTYPE)
     high = (e2m1_over_16384(packed >> 4) * scale).to(DOT_DTYPE)
@@ -143,83 +132,6 @@ def _mlp2_combine_grouped_kernel(
                   mask=valid_m[:, None] & mask_n[None, :], sem="relaxed")
 
 
-@triton.jit
-def _mlp1_swiglu_swapped_kernel(
-    x_ptr, stride_x, pair_ids_ptr, tile_expert_ptr, w_blocks, w_scales, bias_ptr, h_ptr,
-    INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """_mlp1_swiglu_grouped_kernel transposed (SWAP): accumulators [BLOCK_N output pairs, BLOCK_M pairs]."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    if expert < 0:
-        return
-    pairs = tl.load(pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid_m = pairs >= 0
-    tokens = tl.where(valid_m, pairs // TOPK, 0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < INTER
-    gate_rows = expert * (2 * INTER) + 2 * offs_n
-    lin_rows = gate_rows + 1
-    K_BYTES: tl.constexpr = HIDDEN // 2
-    acc_gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc_lin = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for b0 in range(0, K_BYTES, BLOCK_K // 2):
-        b = b0 + tl.arange(0, BLOCK_K // 2)
-        x_mask = (b[:, None] < K_BYTES) & valid_m[None, :]
-        x_cols = x_ptr + tokens[None, :] * stride_x + 2 * b[:, None]
-        x_even = tl.load(x_cols, mask=x_mask, other=0.0).to(DOT_DTYPE)
-        x_odd = tl.load(x_cols + 1, mask=x_mask, other=0.0).to(DOT_DTYPE)
-        g_low, g_high = _dequant_tile(w_blocks, w_scales, gate_rows, mask_n, b, K_BYTES, DOT_DTYPE, ROWS_FIRST=True)
-        acc_gate = tl.dot(g_low, x_even, acc_gate, input_precision=DOT_PRECISION)
-        acc_gate = tl.dot(g_high, x_odd, acc_gate, input_precision=DOT_PRECISION)
-        l_low, l_high = _dequant_tile(w_blocks, w_scales, lin_rows, mask_n, b, K_BYTES, DOT_DTYPE, ROWS_FIRST=True)
-        acc_lin = tl.dot(l_low, x_even, acc_lin, input_precision=DOT_PRECISION)
-        acc_lin = tl.dot(l_high, x_odd, acc_lin, input_precision=DOT_PRECISION)
-    gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    lin = acc_lin + tl.load(bias_ptr + lin_rows, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    gate = tl.minimum(gate, limit)
-    lin = tl.minimum(tl.maximum(lin, -limit), limit)
-    out = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    tl.store(h_ptr + pairs[None, :] * INTER + offs_n[:, None], out.to(h_ptr.dtype.element_ty),
-             mask=mask_n[:, None] & valid_m[None, :])
-
-
-@triton.jit
-def _mlp2_combine_swapped_kernel(
-    h_ptr, pair_ids_ptr, tile_expert_ptr, route_w_ptr, w_blocks, w_scales, bias_ptr, out_ptr, stride_out,
-    HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """_mlp2_combine_grouped_kernel transposed (SWAP): accumulator [BLOCK_N output rows, BLOCK_M pairs]."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    if expert < 0:
-        return
-    pairs = tl.load(pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid_m = pairs >= 0
-    safe_pairs = tl.where(valid_m, pairs, 0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < HIDDEN
-    rows = expert * HIDDEN + offs_n
-    K_BYTES: tl.constexpr = INTER // 2
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for b0 in range(0, K_BYTES, BLOCK_K // 2):
-        b = b0 + tl.arange(0, BLOCK_K // 2)
-        h_mask = (b[:, None] < K_BYTES) & valid_m[None, :]
-        h_cols = h_ptr + safe_pairs[None, :] * INTER + 2 * b[:, None]
-        h_even = tl.load(h_cols, mask=h_mask, other=0.0).to(DOT_DTYPE)
-        h_odd = tl.load(h_cols + 1, mask=h_mask, other=0.0).to(DOT_DTYPE)
-        w_low, w_high = _dequant_tile(w_blocks, w_scales, rows, mask_n, b, K_BYTES, DOT_DTYPE, ROWS_FIRST=True)
-        acc = tl.dot(w_low, h_even, acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(w_high, h_odd, acc, input_precision=DOT_PRECISION)
-    y = acc + tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    y = y * tl.load(route_w_ptr + safe_pairs, mask=valid_m, other=0.0).to(tl.float32)[None, :]
-    tokens = safe_pairs // TOPK
-    tl.atomic_add(out_ptr + tokens[None, :] * stride_out + offs_n[:, None], y,
-                  mask=mask_n[:, None] & valid_m[None, :], sem="relaxed")
-
-
 def moe_grouped(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -236,7 +148,7 @@ def moe_grouped(
 ) -> torch.Tensor:
     """The MoE block for many tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe).
 
-    `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP).
+    `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
     """
     tokens, hidden = x.shape
     topk = expert_ids.shape[1]
@@ -259,15 +171,12 @@ def moe_grouped(
     h = torch.empty(tokens * topk, inter, dtype=x.dtype, device=x.device)
     common = dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    swap = cfg.get("SWAP", False)
-    mlp1, mlp2 = (_mlp1_swiglu_swapped_kernel, _mlp2_combine_swapped_kernel) if swap else (
-        _mlp1_swiglu_grouped_kernel, _mlp2_combine_grouped_kernel)
-    mlp1[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
+    _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit, **common,
     )
     out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
-    mlp2[(tiles, triton.cdiv(hidden, cfg["BLOCK_N"]))](
+    _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, cfg["BLOCK_N"]))](
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=topk, **common,
     )
