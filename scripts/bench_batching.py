@@ -76,7 +76,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def throughput(engine: Engine, clients: list[int], max_tokens: int) -> list[str]:
+def throughput(engine: Engine, clients: list[int], max_tokens: int, one_at_a_time: bool = True) -> list[str]:
     rows = ["| streams | batched tok/s | one at a time tok/s | step p50 ms | step p99 ms |", "|---|---|---|---|---|"]
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     for n in clients:
@@ -85,13 +85,15 @@ def throughput(engine: Engine, clients: list[int], max_tokens: int) -> list[str]
         steps = timed_steps(engine)
         wall, tokens = run_batch(engine, requests)
         del engine.forward_batch  # back to the class's method
-        start, serial_tokens = time.perf_counter(), 0
-        for messages, p in requests:
-            serial_tokens += [e for e in engine.generate(messages, p) if isinstance(e, Finished)][0].usage.completion_tokens
-        serial_wall = time.perf_counter() - start
+        serial = "not run"
+        if one_at_a_time:
+            start, serial_tokens = time.perf_counter(), 0
+            for messages, p in requests:
+                serial_tokens += [e for e in engine.generate(messages, p) if isinstance(e, Finished)][0].usage.completion_tokens
+            serial = f"{serial_tokens / (time.perf_counter() - start):.1f}"
         decode_steps = [s for s, _ in steps]
         rows.append(
-            f"| {n} | {tokens / wall:.1f} | {serial_tokens / serial_wall:.1f} | "
+            f"| {n} | {tokens / wall:.1f} | {serial} | "
             f"{percentile(decode_steps, 50) * 1e3:.1f} | {percentile(decode_steps, 99) * 1e3:.1f} |"
         )
         print(rows[-1], flush=True)
@@ -144,6 +146,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--long-prompt", type=int, default=2048)
     parser.add_argument("--step-tokens", default="64,256,512")
+    parser.add_argument("--one-at-a-time", action=argparse.BooleanOptionalAction, default=True,
+                        help="also serve the same requests one after another through Engine.generate")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 keeps figures steady on a busy machine)")
     parser.add_argument("--record", type=Path)
     args = parser.parse_args()
@@ -160,7 +164,7 @@ def main() -> int:
             make_checkpoint(checkpoint, preset="tiny", seed=0)
     engine = Engine(checkpoint, device=args.device, context_length=4096, implementation=args.impl)
     print(engine.kv_cache_description(), flush=True)
-    table1 = throughput(engine, [int(c) for c in args.clients.split(",")], args.max_tokens)
+    table1 = throughput(engine, [int(c) for c in args.clients.split(",")], args.max_tokens, args.one_at_a_time)
     del engine
     table2 = step_bound(checkpoint, args.device, args.impl, [int(s) for s in args.step_tokens.split(",")], args.long_prompt, 4)
     if args.record:

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,8 @@ from kubrick.engine.api import (
 from kubrick.engine.scheduler import RequestHandle, Scheduler
 
 
-CANCEL_POLL_S = 0.05  # how often requests without new events are checked for a client that left
+CANCEL_POLL_S = 0.05  # how often each request is checked for a client that left (an IPC round trip each)
+GAUGES_EVERY_S = 0.05  # how often the running/waiting/KV-cache gauges are refreshed (IPC, and a walk over the batch)
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
@@ -42,6 +44,7 @@ class Pending:
     sender: object
     handle: RequestHandle | None = None
     client_left: bool = False
+    checked_at: float = 0.0  # last is_cancelled() poll (time.monotonic())
 
 
 class Metrics:
@@ -146,6 +149,7 @@ class TritonPythonModel:
         self.scheduler = Scheduler(self.engine)
         self.outbox: queue.Queue = queue.Queue()
         self.pending: dict[int, Pending] = {}  # touched by the response thread only
+        self.gauges_at = 0.0
         self.responder = threading.Thread(target=self._respond_loop, name="kubrick-responses", daemon=True)
         self.responder.start()
         self._refresh_gauges()
@@ -196,17 +200,18 @@ class TritonPythonModel:
     def _respond_loop(self) -> None:
         while True:
             try:
-                pending, outcome = self.outbox.get(timeout=CANCEL_POLL_S)
+                first = self.outbox.get(timeout=CANCEL_POLL_S)
             except queue.Empty:
                 self._poll_cancelled()
                 self._refresh_gauges()
                 continue
-            if pending is None:
-                return
-            try:
-                self._respond(pending, outcome)
-            except Exception as err:  # one broken response must not stop the others
-                pb_utils.Logger.log_error(f"{self.model_name}: sending a response failed: {err}")
+            for pending, outcome in _coalesced(_drain(self.outbox, first)):
+                if pending is None:
+                    return
+                try:
+                    self._respond(pending, outcome)
+                except Exception as err:  # one broken response must not stop the others
+                    pb_utils.Logger.log_error(f"{self.model_name}: sending a response failed: {err}")
             self._refresh_gauges()
 
     def _respond(self, pending: Pending, outcome) -> None:
@@ -255,7 +260,11 @@ class TritonPythonModel:
         pending.sender.send(pb_utils.InferenceResponse(output_tensors=[tensor]), flags=flags)
 
     def _check_cancelled(self, pending: Pending) -> None:
-        if not pending.client_left and pending.sender.is_cancelled():
+        now = time.monotonic()
+        if pending.client_left or now - pending.checked_at < CANCEL_POLL_S:
+            return
+        pending.checked_at = now
+        if pending.sender.is_cancelled():
             pending.client_left = True
             if pending.handle is not None:
                 pending.handle.cancel()  # the engine stops before its next decode step
@@ -265,8 +274,41 @@ class TritonPythonModel:
             self._check_cancelled(pending)
 
     def _refresh_gauges(self) -> None:
+        now = time.monotonic()
+        if now - self.gauges_at < GAUGES_EVERY_S:
+            return
+        self.gauges_at = now
         try:
             kv = float(self.engine.kv_cache_usage())
         except Exception:
             kv = 0.0
         self.metrics.set_gauges(self.scheduler.running, self.scheduler.waiting, round(kv, 4))
+
+
+def _drain(outbox: queue.Queue, first) -> list:
+    """`first` and everything else already waiting in the outbox, in order."""
+    items = [first]
+    while True:
+        try:
+            items.append(outbox.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def _coalesced(items: list) -> list:
+    """Merge a request's consecutive deltas of one kind into one (same order, same text). When the responses
+    fall behind the engine (many streams), one response then carries several tokens' text instead of one
+    response per token: fewer sends, each an IPC message to the server."""
+    out, last = [], {}  # last: id(pending) -> index in out of that request's latest item
+    for pending, outcome in items:
+        index = last.get(id(pending))
+        if (
+            isinstance(outcome, (ReasoningDelta, ContentDelta))
+            and index is not None
+            and type(out[index][1]) is type(outcome)
+        ):
+            out[index] = (pending, type(outcome)(out[index][1].text + outcome.text))
+            continue
+        last[id(pending)] = len(out)
+        out.append((pending, outcome))
+    return out
