@@ -222,7 +222,7 @@ class CudaGraphDecoder:
     """
 
     def __init__(self, model: FastTransformer, cache: KVCache):
-        self.model, self.cache = model, cache
+        self.cache = cache  # no reference to the model: model -> decoder -> model would hold GPU memory until gc
         device = model.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         # Warm-up and capture write keys/values at the last cache row, which no prompt has reached yet.
@@ -282,7 +282,7 @@ class CudaGraphBatchDecoder:
     """
 
     def __init__(self, model: FastTransformer, cache: BatchedKVCache, buckets=(1, 8, 32, 64)):
-        self.model, self.cache = model, cache
+        self.cache = cache  # no reference to the model: model -> decoder -> model would hold GPU memory until gc
         self.buckets = sorted(b for b in buckets if b <= cache.batch) or [cache.batch]
         device = model.device
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
@@ -463,7 +463,7 @@ class PagedGraphDecoder:
 
     def __init__(self, model: FastTransformer, cache: PagedKVCache, max_blocks: int, max_batch: int,
                  buckets=(1, 2, 4, 8, 16, 32, 64)):
-        self.model, self.cache = model, cache
+        self.cache = cache  # no reference to the model: model -> decoder -> model would hold GPU memory until gc
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         device, top, page = model.device, self.buckets[-1], cache.block_size
         self.max_blocks = max_blocks

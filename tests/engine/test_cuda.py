@@ -48,7 +48,7 @@ def test_greedy_on_the_gpu_is_repeatable(tiny_original):
     from kubrick.engine.api import Message, SamplingParams
     from kubrick.engine.engine import Engine
 
-    engine = Engine(tiny_original, device="cuda", context_length=256)
+    engine = Engine(tiny_original, device="cuda", context_length=256, kv_cache_memory="256MiB")
     params = SamplingParams(temperature=0, max_tokens=32)
     replies = [[e for e in engine.generate([Message("user", "Hi")], params)] for _ in range(2)]
     assert [e for e in replies[0][:-1]] == [e for e in replies[1][:-1]]

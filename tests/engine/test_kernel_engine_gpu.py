@@ -55,7 +55,7 @@ def test_engine_on_a_gpu_runs_the_kernels_with_a_cuda_graph(tiny_original, monke
     from kubrick.engine.model import Transformer
 
     monkeypatch.delenv("KUBRICK_ENGINE_IMPL", raising=False)
-    engine = Engine(tiny_original, device="cuda", context_length=256)
+    engine = Engine(tiny_original, device="cuda", context_length=256, kv_cache_memory="256MiB")
     assert engine.implementation == "triton" and engine.version.endswith("-triton")
     assert isinstance(engine.model, GraphedFastTransformer) and engine.model.decoder.cache is engine.cache
 
@@ -70,7 +70,7 @@ def test_engine_on_a_gpu_runs_the_kernels_with_a_cuda_graph(tiny_original, monke
     assert replies[0] == replies[1] and replies[0][0]
 
     monkeypatch.setenv("KUBRICK_ENGINE_IMPL", "reference")
-    reference = Engine(tiny_original, device="cuda", context_length=256)
+    reference = Engine(tiny_original, device="cuda", context_length=256, kv_cache_memory="256MiB")
     assert reference.implementation == "reference" and isinstance(reference.model, Transformer)
 
 
