@@ -209,6 +209,27 @@ def sweep(layers: int) -> list[dict]:
     return rows
 
 
+def sweep_gemv_splits(layers: int) -> list[dict]:
+    """moe_gemv at 1 and 8 tokens over BLOCK_I (mlp1 rows), BLOCK_N/BLOCK_K (mlp2) and mlp2's split_k: ncu saw
+    mlp2 at batch 1 fill half the GPU (360 programs) and mlp1 end in a partial wave."""
+    rows = []
+    experts = moe_weights(layers)
+    for tokens in (1, 8):
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        for block_i in (4, 8, 16):
+            for block_n, block_k in ((16, 512), (8, 512), (16, 256), (8, 256)):
+                for split_k in (1, 2, 4, 8):
+                    cfg = dict(BLOCK_I=block_i, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, DECODE="swar")
+                    calls = [lambda r=r, w=w, cfg=cfg, s=split_k: moe_gemv(x, *r, *w, split_k=s, config=cfg)
+                             for r, w in zip(routes, experts)]
+                    us = time_per_call(calls) * 1e6
+                    rows.append(dict(kernel="moe_gemv", tokens=tokens, config=cfg | {"split_k": split_k}, us=us))
+                    print(f"sweep moe_gemv T={tokens} I={block_i} N={block_n} K={block_k} split={split_k}: {us:.1f} us",
+                          flush=True)
+    return rows
+
+
 def random_20b_weights() -> tuple:
     """gpt-oss-20b's config and random weights made on the GPU (no checkpoint on disk), names as the loader's."""
     import math
@@ -300,6 +321,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench_kernels.json"), help="where to write the results")
     parser.add_argument("--layers", type=int, default=8, help="distinct weight/cache copies per timed graph")
     parser.add_argument("--sweep", action="store_true", help="also time the MoE kernels under other block sizes")
+    parser.add_argument("--sweep-gemv", action="store_true", help="also time moe_gemv over its blocks and split-K")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -309,6 +331,8 @@ def main() -> None:
     rows, bandwidth = bench(args.layers)
     print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     sweep_rows = sweep(args.layers) if args.sweep else []
+    if args.sweep_gemv:
+        sweep_rows += sweep_gemv_splits(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:

@@ -29,6 +29,7 @@ from kubrick.engine.api import (
     parse_params,
 )
 from kubrick.engine.scheduler import RequestHandle, Scheduler
+from kubrick.server.outbox import coalesced, drain
 
 
 CANCEL_POLL_S = 0.05  # how often each request is checked for a client that left (an IPC round trip each)
@@ -205,7 +206,7 @@ class TritonPythonModel:
                 self._poll_cancelled()
                 self._refresh_gauges()
                 continue
-            for pending, outcome in _coalesced(_drain(self.outbox, first)):
+            for pending, outcome in coalesced(drain(self.outbox, first)):
                 if pending is None:
                     return
                 try:
@@ -284,31 +285,3 @@ class TritonPythonModel:
             kv = 0.0
         self.metrics.set_gauges(self.scheduler.running, self.scheduler.waiting, round(kv, 4))
 
-
-def _drain(outbox: queue.Queue, first) -> list:
-    """`first` and everything else already waiting in the outbox, in order."""
-    items = [first]
-    while True:
-        try:
-            items.append(outbox.get_nowait())
-        except queue.Empty:
-            return items
-
-
-def _coalesced(items: list) -> list:
-    """Merge a request's consecutive deltas of one kind into one (same order, same text). When the responses
-    fall behind the engine (many streams), one response then carries several tokens' text instead of one
-    response per token: fewer sends, each an IPC message to the server."""
-    out, last = [], {}  # last: id(pending) -> index in out of that request's latest item
-    for pending, outcome in items:
-        index = last.get(id(pending))
-        if (
-            isinstance(outcome, (ReasoningDelta, ContentDelta))
-            and index is not None
-            and type(out[index][1]) is type(outcome)
-        ):
-            out[index] = (pending, type(outcome)(out[index][1].text + outcome.text))
-            continue
-        last[id(pending)] = len(out)
-        out.append((pending, outcome))
-    return out

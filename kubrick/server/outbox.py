@@ -1,0 +1,39 @@
+"""What llm_decoupled's response thread does with its outbox before sending: take everything waiting at once and
+merge each request's consecutive deltas of one kind, so that under load one response carries several tokens'
+text (every response is an IPC message from the Python backend to the server). Kept here, away from the
+Triton model, so it can be tested without a server."""
+
+from __future__ import annotations
+
+import queue
+
+from kubrick.engine.api import ContentDelta, ReasoningDelta
+
+
+def drain(outbox: queue.Queue, first) -> list:
+    """`first` and everything else already waiting in the outbox, in order."""
+    items = [first]
+    while True:
+        try:
+            items.append(outbox.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def coalesced(items: list[tuple[object, object]]) -> list[tuple[object, object]]:
+    """(request, outcome) pairs with each request's consecutive deltas of one kind merged into one; the order of
+    every request's own outcomes, and their text, are unchanged."""
+    out: list[tuple[object, object]] = []
+    last: dict[int, int] = {}  # id(request) -> index in out of that request's latest item
+    for request, outcome in items:
+        index = last.get(id(request))
+        if (
+            isinstance(outcome, (ReasoningDelta, ContentDelta))
+            and index is not None
+            and type(out[index][1]) is type(outcome)
+        ):
+            out[index] = (request, type(outcome)(out[index][1].text + outcome.text))
+            continue
+        last[id(request)] = len(out)
+        out.append((request, outcome))
+    return out
