@@ -182,6 +182,10 @@ GROUPED_SWEEP = [
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
     for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (64, 64, 128, 4, 3),
                            (64, 64, 256, 4, 3), (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 128, 8, 4))
+] + [  # tl.dot_scaled on the packed bytes and scales (moe_grouped.py, DOT_SCALED)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, DOT_SCALED=True)
+    for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3),
+                           (64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (64, 64, 256, 4, 3))
 ]
 
 

@@ -46,7 +46,17 @@ def test_group_by_expert_covers_every_pair_once_in_single_expert_tiles(device):
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_moe_grouped_matches_reference(device, dtype, bound):
     x, ids, weights, w = random_moe(tokens=20, hidden=64, inter=96, experts=4, topk=2, dtype=dtype, device=device)
-    out = moe_grouped(x, ids, weights, *w)
+    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False))
     expected = reference.moe(x, ids, weights, *w)
     assert out.dtype == dtype
     assert rel_error(out, expected) < bound
+
+
+@pytest.mark.gpu  # the CPU interpreter of Triton 3.6 has no dot_scaled
+@pytest.mark.parametrize("tokens,block_m", [(20, 16), (300, 128)])
+def test_moe_grouped_on_dot_scaled_matches_reference(device, tokens, block_m):
+    # bf16 activations, MXFP4 weights as stored; dot_scaled's bf16 operands land where the tl.dot path does.
+    x, ids, weights, w = random_moe(tokens=tokens, hidden=256, inter=192, experts=8, topk=4, dtype=torch.bfloat16,
+                                    device=device)
+    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=True, BLOCK_M=block_m))
+    assert rel_error(out, reference.moe(x, ids, weights, *w)) < 1e-2
