@@ -63,6 +63,24 @@ def _dequant_tile(w_blocks, w_scales, rows, row_mask, b, K_BYTES: tl.constexpr, 
 
 
 @triton.jit
+def _even_odd(x_ptr, rows, stride, valid, b, K_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Activations of `rows` at K positions 2b and 2b+1, each [len(rows), len(b)] (the tl.dot path)."""
+    mask = valid[:, None] & (b[None, :] < K_BYTES)
+    at = x_ptr + rows[:, None] * stride + 2 * b[None, :]
+    return tl.load(at, mask=mask, other=0.0).to(DOT_DTYPE), tl.load(at + 1, mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def _dot_dequant(even, odd, w_blocks, w_scales, w_rows, w_mask, b, K_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, acc):
+    """acc + activations @ W[w_rows]^T over byte columns b: even K positions against the low nibbles, odd
+    against the high ones."""
+    low, high = _dequant_tile(w_blocks, w_scales, w_rows, w_mask, b, K_BYTES, DOT_DTYPE)
+    acc = tl.dot(even, low, acc, input_precision=DOT_PRECISION)
+    return tl.dot(odd, high, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _x_tile(x_ptr, rows, stride, valid, b0, K_BYTES: tl.constexpr, BLOCK_K: tl.constexpr):
     """Activations [len(rows), BLOCK_K] at K positions 2*b0 … (DOT_SCALED: in their natural order)."""
     k = 2 * b0 + tl.arange(0, BLOCK_K)
@@ -110,16 +128,11 @@ def _mlp1_swiglu_grouped_kernel(
             acc_gate = _dot_mxfp4(x, w_blocks, w_scales, gate_rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc_gate)
             acc_lin = _dot_mxfp4(x, w_blocks, w_scales, lin_rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc_lin)
         else:
-            x_mask = valid_m[:, None] & (b[None, :] < K_BYTES)
-            x_rows = x_ptr + tokens[:, None] * stride_x + 2 * b[None, :]
-            x_even = tl.load(x_rows, mask=x_mask, other=0.0).to(DOT_DTYPE)
-            x_odd = tl.load(x_rows + 1, mask=x_mask, other=0.0).to(DOT_DTYPE)
-            g_low, g_high = _dequant_tile(w_blocks, w_scales, gate_rows, mask_n, b, K_BYTES, DOT_DTYPE)
-            acc_gate = tl.dot(x_even, g_low, acc_gate, input_precision=DOT_PRECISION)
-            acc_gate = tl.dot(x_odd, g_high, acc_gate, input_precision=DOT_PRECISION)
-            l_low, l_high = _dequant_tile(w_blocks, w_scales, lin_rows, mask_n, b, K_BYTES, DOT_DTYPE)
-            acc_lin = tl.dot(x_even, l_low, acc_lin, input_precision=DOT_PRECISION)
-            acc_lin = tl.dot(x_odd, l_high, acc_lin, input_precision=DOT_PRECISION)
+            x_even, x_odd = _even_odd(x_ptr, tokens, stride_x, valid_m, b, K_BYTES, DOT_DTYPE)
+            acc_gate = _dot_dequant(x_even, x_odd, w_blocks, w_scales, gate_rows, mask_n, b, K_BYTES, DOT_DTYPE,
+                                    DOT_PRECISION, acc_gate)
+            acc_lin = _dot_dequant(x_even, x_odd, w_blocks, w_scales, lin_rows, mask_n, b, K_BYTES, DOT_DTYPE,
+                                   DOT_PRECISION, acc_lin)
     gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     lin = acc_lin + tl.load(bias_ptr + lin_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     gate = tl.minimum(gate, limit)
@@ -154,13 +167,8 @@ def _mlp2_combine_grouped_kernel(
             h = _x_tile(h_ptr, safe_pairs, INTER, valid_m, b0, K_BYTES, BLOCK_K)
             acc = _dot_mxfp4(h, w_blocks, w_scales, rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc)
         else:
-            h_mask = valid_m[:, None] & (b[None, :] < K_BYTES)
-            h_rows = h_ptr + safe_pairs[:, None] * INTER + 2 * b[None, :]
-            h_even = tl.load(h_rows, mask=h_mask, other=0.0).to(DOT_DTYPE)
-            h_odd = tl.load(h_rows + 1, mask=h_mask, other=0.0).to(DOT_DTYPE)
-            w_low, w_high = _dequant_tile(w_blocks, w_scales, rows, mask_n, b, K_BYTES, DOT_DTYPE)
-            acc = tl.dot(h_even, w_low, acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(h_odd, w_high, acc, input_precision=DOT_PRECISION)
+            h_even, h_odd = _even_odd(h_ptr, safe_pairs, INTER, valid_m, b, K_BYTES, DOT_DTYPE)
+            acc = _dot_dequant(h_even, h_odd, w_blocks, w_scales, rows, mask_n, b, K_BYTES, DOT_DTYPE, DOT_PRECISION, acc)
     y = acc + tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y * tl.load(route_w_ptr + safe_pairs, mask=valid_m, other=0.0).to(tl.float32)[:, None]
     tokens = safe_pairs // TOPK
