@@ -90,14 +90,14 @@ class HarmonyStream:
     def finish(self) -> list[ContentDelta]:
         """At the end of generation: show whatever never made it out (an unfinished header, held bytes)."""
         if self.parser is not None and self.unplaced:
-            return self._abandon_format()
+            return self._abandon_format(final=True)  # final: a character cut off at the end shows as U+FFFD
         return self._raw([], final=True) if self.parser is None else []
 
-    def _abandon_format(self, token: int | None = None) -> list[ContentDelta]:
+    def _abandon_format(self, token: int | None = None, final: bool = False) -> list[ContentDelta]:
         self.parser = None
         pending = self.unplaced + ([token] if token is not None else [])
         self.unplaced = []
-        return self._raw(pending)
+        return self._raw(pending, final)
 
     def _raw(self, tokens: list[int], final: bool = False) -> list[ContentDelta]:
         self.raw.extend(tokens)

@@ -66,6 +66,14 @@ def test_a_header_that_never_ends_is_shown_when_generation_stops():
     assert _joined(events, ContentDelta) == "<|channel|>final and then nothing"
 
 
+def test_a_held_header_cut_off_inside_a_character_is_still_shown_when_generation_stops():
+    # "<|channel|>final 🎉" without its last token: the held tokens end with half of the emoji's bytes.
+    tokens = harmony.encoding().encode("<|channel|>final 🎉", allowed_special="all")[:-1]
+    stream = harmony.HarmonyStream()
+    events = [e for token in tokens for e in stream.feed(token)] + stream.finish()
+    assert _joined(events, ContentDelta) == "<|channel|>final \ufffd"
+
+
 def test_a_token_the_parser_rejects_is_shown_and_the_rest_follows_as_text():
     events = _stream("<|channel|>final<|message|>Done.<|end|>stray words<|end|>")
     assert _joined(events, ContentDelta) == "Done.stray words<|end|>"
