@@ -172,11 +172,10 @@ def bench(layers: int) -> tuple[list[dict], float]:
 
 
 GEMV_SWEEP = [
-    dict(DECODE=d, BLOCK_I=i, BLOCK_N=n, BLOCK_K=k, num_warps=w)
-    for d in ("swar", "swar_x_per_row")
-    # More rows per program share each thread's x values over more weight rows (x costs ~3 ops a value).
-    for i, n, k, w in ((8, 16, 512, 4), (8, 8, 512, 4), (8, 16, 1024, 8), (16, 16, 1024, 4), (32, 32, 512, 4),
-                       (32, 32, 1024, 8), (32, 16, 512, 4), (64, 64, 256, 4))
+    dict(BLOCK_I=i, BLOCK_N=n, BLOCK_K=k, num_warps=w)
+    # More rows per program share each thread's x loads over more weight rows, at the cost of registers.
+    for i, n, k, w in ((8, 16, 512, 4), (4, 8, 512, 4), (8, 16, 256, 4), (16, 16, 512, 4), (16, 32, 512, 4),
+                       (8, 16, 1024, 8), (16, 32, 1024, 8), (32, 32, 512, 4))
 ]
 GROUPED_SWEEP = [
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
@@ -214,23 +213,59 @@ def sweep(layers: int) -> list[dict]:
 
 
 def sweep_gemv_splits(layers: int) -> list[dict]:
-    """moe_gemv at 1 and 8 tokens over BLOCK_I (mlp1 rows), BLOCK_N/BLOCK_K (mlp2) and mlp2's split_k: ncu saw
-    mlp2 at batch 1 fill half the GPU (360 programs) and mlp1 end in a partial wave."""
+    """moe_gemv at 1 and 8 tokens over BLOCK_I (mlp1 rows), BLOCK_N/BLOCK_K (mlp2 rows, values a step) and mlp2's
+    split_k; then the table's GEMV against the grouped kernel at 8-16 tokens (where GEMV_MAX_PAIRS belongs)."""
     rows = []
     experts = moe_weights(layers)
     for tokens in (1, 8):
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
         routes = [routing(tokens, seed) for seed in range(layers)]
         for block_i in (4, 8, 16):
-            for block_n, block_k in ((16, 512), (8, 512), (16, 256), (8, 256)):
+            for block_n, block_k in ((8, 512), (16, 512), (16, 1024), (32, 512)):
                 for split_k in (1, 2, 4, 8):
-                    cfg = dict(BLOCK_I=block_i, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, DECODE="swar")
+                    cfg = dict(BLOCK_I=block_i, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
                     calls = [lambda r=r, w=w, cfg=cfg, s=split_k: moe_gemv(x, *r, *w, split_k=s, config=cfg)
                              for r, w in zip(routes, experts)]
                     us = time_per_call(calls) * 1e6
                     rows.append(dict(kernel="moe_gemv", tokens=tokens, config=cfg | {"split_k": split_k}, us=us))
                     print(f"sweep moe_gemv T={tokens} I={block_i} N={block_n} K={block_k} split={split_k}: {us:.1f} us",
                           flush=True)
+    for tokens in (8, 12, 16):
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        for name, fn in (("moe_gemv", moe_gemv), ("moe_grouped", moe_grouped)):
+            us = time_per_call([lambda r=r, w=w, fn=fn: fn(x, *r, *w) for r, w in zip(routes, experts)]) * 1e6
+            rows.append(dict(kernel=name, tokens=tokens, config={}, us=us))
+            print(f"sweep {name} T={tokens} (table): {us:.1f} us", flush=True)
+    return rows
+
+
+LINEAR_SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w)
+                for n, k, w in ((8, 512, 4), (4, 512, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8), (32, 256, 4),
+                                (4, 1024, 4), (2, 1024, 4))]
+
+
+def sweep_linear(layers: int) -> list[dict]:
+    """kernels.linear's one-token GEMV over block sizes against F.linear (cuBLAS), at the out-projection and QKV
+    shapes, bias and residual included as the model calls it."""
+    import torch.nn.functional as F
+
+    from kubrick.engine.kernels.linear import linear
+
+    rows = []
+    for n, k in ((HIDDEN, Q_HEADS * HEAD_DIM), ((Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN)):
+        ws = [torch.randn(n, k, device="cuda", dtype=BF16) / k**0.5 for _ in range(layers)]
+        b = torch.randn(n, device="cuda", dtype=BF16)
+        x = torch.randn(1, k, device="cuda", dtype=BF16)
+        r = torch.randn(1, n, device="cuda", dtype=BF16)
+        nbytes = n * k * 2
+        us = time_per_call([lambda w=w: r + F.linear(x, w, b) for w in ws]) * 1e6
+        rows.append(dict(kernel="F.linear + residual", shape=[n, k], us=us))
+        print(f"sweep linear {n}x{k} cuBLAS + add: {us:.1f} us  ({nbytes / us / 1e3:.0f} GB/s)", flush=True)
+        for cfg in LINEAR_SWEEP:
+            us = time_per_call([lambda w=w, cfg=cfg: linear(x, w, b, residual=r, config=cfg) for w in ws]) * 1e6
+            rows.append(dict(kernel="linear_gemv", shape=[n, k], config=cfg, us=us))
+            print(f"sweep linear {n}x{k} gemv {cfg}: {us:.1f} us  ({nbytes / us / 1e3:.0f} GB/s)", flush=True)
     return rows
 
 
@@ -326,6 +361,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="distinct weight/cache copies per timed graph")
     parser.add_argument("--sweep", action="store_true", help="also time the MoE kernels under other block sizes")
     parser.add_argument("--sweep-gemv", action="store_true", help="also time moe_gemv over its blocks and split-K")
+    parser.add_argument("--sweep-linear", action="store_true", help="also time the one-token linear GEMV vs cuBLAS")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -337,6 +373,8 @@ def main() -> None:
     sweep_rows = sweep(args.layers) if args.sweep else []
     if args.sweep_gemv:
         sweep_rows += sweep_gemv_splits(args.layers)
+    if args.sweep_linear:
+        sweep_rows += sweep_linear(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:

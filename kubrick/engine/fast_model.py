@@ -2,11 +2,13 @@
 
 `FastTransformer(config, weights)` is a drop-in for `model.Transformer` (same `forward(tokens, cache)`,
 `new_cache`, `weights_bytes`), checked against it in tests/kernels/test_fast_model.py. Per layer:
-RMSNorm kernel -> QKV matmul (torch) -> one kernel for YaRN RoPE (cos/sin from the reference's own
-RotaryEmbedding) + keys/values written into the reference KVCache in place -> sink attention kernel (prefill: flash-style; one new token:
-split-KV decode) -> out matmul (torch) + residual -> RMSNorm kernel -> router kernel (bf16-rounded logits,
-as the reference's bf16 matmul picks) -> MXFP4 MoE kernel (GEMV for few tokens, expert tiles for many).
-Dense matmuls stay with torch/cuBLAS.
+RMSNorm kernel -> QKV matmul -> one kernel for YaRN RoPE (cos/sin from the reference's own RotaryEmbedding) +
+keys/values written into the reference KVCache in place -> sink attention kernel (prefill: flash-style; one new
+token: split-KV decode) -> out matmul + residual -> RMSNorm kernel (at decode it also writes the MoE GEMV's
+input layout) -> router kernel (bf16-rounded logits, as the reference's bf16 matmul picks) -> MXFP4 MoE kernel
+(GEMV for few tokens, expert tiles for many) + residual.
+Dense matmuls: at one token the GEMV of kernels/linear.py (bias and residual added in it); otherwise
+torch/cuBLAS, which also runs the unembedding (already at copy bandwidth at one token).
 
 Decode loops: `CudaGraphDecoder` (one sequence, one captured step replayed per token),
 `CudaGraphBatchDecoder` (a static `BatchedKVCache` of B slots, one graph per batch-size bucket) and
@@ -27,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from kubrick.engine.config import ModelConfig
-from kubrick.engine.kernels import moe
+from kubrick.engine.kernels import moe, uses_gemv
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill, pick_splits
+from kubrick.engine.kernels.linear import linear
 from kubrick.engine.kernels.rmsnorm import rmsnorm
 from kubrick.engine.kernels.rope import rope_and_cache
 from kubrick.engine.kernels.router import router
@@ -155,7 +158,7 @@ class FastTransformer:
         sliding = c.is_sliding(layer)
         keys, values = cache.keys[layer], cache.values[layer]  # pools [blocks, PAGE, KVH, D]
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
-        qkv = F.linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
+        qkv = linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
         rows = step.rows_window if sliding else step.rows_full
         q = rope_and_cache(qkv, cos, sin, rows, keys.flatten(0, 1), values.flatten(0, 1),
                            c.num_attention_heads, c.num_key_value_heads)
@@ -174,7 +177,7 @@ class FastTransformer:
             for segment, row, length, start in step.prefills:  # prompt chunks: one flash launch each
                 attention_prefill(q[None, row : row + length], keys, values, sinks, start_pos=start, window=window,
                                   block_table=table[segment : segment + 1], out=out[None, row : row + length])
-        return x + F.linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"])
+        return linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"], residual=x)
 
     def _attention(self, layer, x, cos, sin, rows, kv, start: int | None, kv_lens) -> torch.Tensor:
         """start None: every row of x is one new token of its own sequence (decode); else a prefill chunk."""
@@ -182,7 +185,7 @@ class FastTransformer:
         n = x.shape[0]
         keys, values, batched_keys, batched_values = kv  # rows view [R, KVH, D]; per sequence [B, S, KVH, D]
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
-        qkv = F.linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
+        qkv = linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
         q = rope_and_cache(qkv, cos, sin, rows, keys, values, c.num_attention_heads, c.num_key_value_heads)
         window = c.sliding_window if c.is_sliding(layer) else 0
         sinks = self.w[p + "sinks"]
@@ -190,20 +193,23 @@ class FastTransformer:
             out = attention_decode(q, batched_keys, batched_values, sinks, kv_lens, window=window)
         else:
             out = attention_prefill(q[None], batched_keys, batched_values, sinks, start_pos=start, window=window)[0]
-        return x + F.linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"])
+        return linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"], residual=x)
 
     def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         c, p = self.config, f"block.{layer}.mlp."
-        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
+        # At decode the norm also writes the MoE GEMV's input layout, saving the GEMV a launch.
+        x_gemv = None
+        if uses_gemv(x.shape[0], c.experts_per_token):
+            x_gemv = torch.empty(x.shape[0], 8, x.shape[1] // 8, dtype=torch.float32, device=x.device)
+        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, gemv_out=x_gemv)
         ids, weights = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,
                               round_logits=t.dtype == torch.bfloat16)
-        y = moe(
+        return moe(
             t, ids, weights,
             self.w[p + "mlp1_weight.blocks"], self.w[p + "mlp1_weight.scales"], self.w[p + "mlp1_bias"],
             self.w[p + "mlp2_weight.blocks"], self.w[p + "mlp2_weight.scales"], self.w[p + "mlp2_bias"],
-            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
+            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, x_gemv=x_gemv, residual=x,
         )
-        return x + y
 
     def weights_bytes(self) -> int:
         seen, total = set(), 0

@@ -13,6 +13,21 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+# Whole-model logits after several layers of bf16 activations: the kernels round at other points than the
+# reference, and on CPU the Triton interpreter truncates float32 -> bf16 instead of rounding. Measured on
+# CPU (tiny): 1.2-4.2 % per step. Separately, a router near-tie can pick another expert for one token (seen:
+# logits -0.200 vs -0.217 for experts 3 and 0), which moves that step's logits by ~25 %, and the step after it
+# (that token's keys and values stay in the cache); so the typical step must be within TYPICAL_BOUND and only
+# a few may exceed it.
+TYPICAL_BOUND = 5e-2
+
+
+def typical_steps_agree(errors: list[float]) -> bool:
+    """No step off by half (NaN gives inf), and all but a few (a router near-tie and the step after) within
+    TYPICAL_BOUND."""
+    return max(errors) < 0.5 and sum(e < TYPICAL_BOUND for e in errors) >= len(errors) - max(2, len(errors) // 8)
+
+
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN, so an element the kernel forgets to write shows up as an error."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

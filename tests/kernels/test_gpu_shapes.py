@@ -21,10 +21,10 @@ HIDDEN, INTER, EXPERTS, TOPK = 2880, 2880, 32, 4
 Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 64, 8, 64, 128
 
 
-@pytest.mark.parametrize("tokens,decode", [(1, None), (4, None), (1, "swar_x_per_row"), (1, "f16")])
-def test_moe_gemv_real_shape(tokens, decode):
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+def test_moe_gemv_real_shape(tokens):
     x, ids, weights, w = random_moe(tokens, HIDDEN, INTER, EXPERTS, TOPK, torch.bfloat16, "cuda", seed=tokens)
-    out = moe_gemv(x, ids, weights, *w, config=dict(DECODE=decode) if decode else None)
+    out = moe_gemv(x, ids, weights, *w)
     assert rel_error(out, reference.moe(x, ids, weights, *w)) < 1e-2
 
 

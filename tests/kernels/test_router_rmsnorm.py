@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kubrick.engine.kernels import reference
+from kubrick.engine.kernels.moe_gemv import gemv_layout
 from kubrick.engine.kernels.rmsnorm import rmsnorm
 from kubrick.engine.kernels.router import router
 
@@ -18,6 +19,15 @@ def test_rmsnorm_matches_reference(device, dtype, bound):
     out = rmsnorm(x, w)
     assert out.shape == x.shape and out.dtype == dtype
     assert rel_error(out, reference.rmsnorm(x, w)) < bound
+
+
+def test_rmsnorm_also_writes_the_moe_gemv_layout(device):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
+    w = torch.randn(64, generator=gen).to(device)
+    gemv = torch.full((3, 8, 8), float("nan"), device=device)
+    out = rmsnorm(x, w, gemv_out=gemv)
+    torch.testing.assert_close(gemv, gemv_layout(out), rtol=0, atol=0)  # every entry written, exactly
 
 
 @pytest.mark.parametrize("experts,k,tokens,hidden", [(32, 4, 7, 96), (12, 3, 7, 96), (32, 4, 1, 600)])

@@ -29,14 +29,26 @@ if not torch.cuda.is_available():
 
 # Above this many (token, expert) pairs the grouped kernel wins: experts get shared by several tokens, so
 # reading each expert once and feeding tensor cores beats one GEMV per pair.
-GEMV_MAX_PAIRS = 32  # H100 sweep: 8 tokens x top-4, GEMV 304 us vs grouped 435 us
+# H100, one layer: GEMV 199 / 283 / 368 us vs grouped 340 / 389 / 434 us at 8 / 12 / 16 tokens.
+GEMV_MAX_PAIRS = 64
 
 
-def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, *weights, **kwargs) -> torch.Tensor:
-    """The MXFP4 MoE block (arguments as kernels.reference.moe): GEMV for few tokens, grouped tiles for many."""
+def uses_gemv(tokens: int, topk: int) -> bool:
+    """Whether moe() takes the GEMV path for this many tokens (then x may come in its layout, see moe_gemv)."""
+    return tokens * topk <= GEMV_MAX_PAIRS
+
+
+def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, *weights,
+        x_gemv: torch.Tensor | None = None, residual: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """The MXFP4 MoE block (arguments as kernels.reference.moe): GEMV for few tokens, grouped tiles for many.
+
+    x_gemv: x in the GEMV's input layout, used when the GEMV path runs (see uses_gemv).
+    residual: return residual + moe(x) (the GEMV adds it in its last kernel).
+    """
     from kubrick.engine.kernels.moe_gemv import moe_gemv
     from kubrick.engine.kernels.moe_grouped import moe_grouped
 
-    if expert_ids.numel() <= GEMV_MAX_PAIRS:
-        return moe_gemv(x, expert_ids, expert_weights, *weights, **kwargs)
-    return moe_grouped(x, expert_ids, expert_weights, *weights, **kwargs)
+    if uses_gemv(*expert_ids.shape):
+        return moe_gemv(x, expert_ids, expert_weights, *weights, x_gemv=x_gemv, residual=residual, **kwargs)
+    y = moe_grouped(x, expert_ids, expert_weights, *weights, **kwargs)
+    return y if residual is None else residual + y

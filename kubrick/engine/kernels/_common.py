@@ -20,34 +20,39 @@ def interpreting() -> bool:
 # parts) have ~100 KB, so the tl.dot kernels use fewer pipeline stages there. The GEMV kernels only stream
 # weights through registers and use the same shapes everywhere. "interp" is for TRITON_INTERPRET=1 (CPU):
 # small tiles keep the interpreter fast.
-#   moe_gemv: BLOCK_I (mlp1 output pairs per program), BLOCK_N (mlp2 rows), BLOCK_K (values per step), warps,
-#             DECODE ("swar" or "f16", see moe_gemv.py)
+#   moe_gemv: BLOCK_I (mlp1 output pairs per program), BLOCK_N (mlp2 rows), BLOCK_K (values per step), warps
 #   moe_grouped: BLOCK_M (token rows per expert tile), BLOCK_N, BLOCK_K, warps, stages (prefill), DOT_SCALED
 #                (tl.dot_scaled on the packed weights instead of our dequantise + tl.dot; see moe_grouped.py);
 #   moe_grouped_small: the same for at most SMALL_PAIRS (token, expert) pairs, where tiles are mostly empty
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
+#   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps (kernels/linear.py, one token)
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     "interp": {
-        "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, DECODE="swar"),
+        "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4),
         "moe_grouped": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1),
         "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1),
         "attn_prefill": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "attn_decode": dict(BLOCK_N=16, num_warps=4, num_stages=1),
+        "linear_gemv": dict(BLOCK_N=16, BLOCK_K=32, num_warps=4),
     },
-    "big_smem": {  # sm80 (A100), sm90 (H100/H200), sm100 (B200); MoE entries: best of the H100 sweep
-        "moe_gemv": dict(BLOCK_I=8, BLOCK_N=16, BLOCK_K=512, num_warps=4, DECODE="swar"),
+    "big_smem": {  # sm80 (A100), sm90 (H100/H200), sm100 (B200); MoE entries: best of the H100 sweeps
+        # (moe_gemv: `bench_kernels.py --sweep-gemv`, 38.1 us a layer at 1 token, BLOCK_K 1024 spills)
+        "moe_gemv": dict(BLOCK_I=4, BLOCK_N=16, BLOCK_K=512, num_warps=4),
         "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
         "attn_prefill": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
+        # H100 `bench_kernels.py --sweep-linear`: 10.3 / 12.6 us (out / QKV) against cuBLAS + add 14.9 / 14.7
+        "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4),
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on tl.dot_scaled (filled in below)
     "small_smem": {  # sm86/sm89 (RTX 30/40, L4, L40), sm120 (RTX 50, RTX PRO 6000)
-        "moe_gemv": dict(BLOCK_I=8, BLOCK_N=16, BLOCK_K=512, num_warps=4, DECODE="swar"),
+        "moe_gemv": dict(BLOCK_I=8, BLOCK_N=16, BLOCK_K=512, num_warps=4),
         "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
         "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
         "attn_prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
+        "linear_gemv": dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
     },
 }
 
@@ -90,6 +95,15 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def round_to_bf16(x):
+    """float32 -> the nearest bf16 (ties to even), still as float32. By hand because the 3.6 interpreter's
+    .to(tl.bfloat16) truncates; compiled, this is what the conversion does."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

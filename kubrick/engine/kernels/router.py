@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import num_sms
+from kubrick.engine.kernels._common import num_sms, round_to_bf16
 
 
 @triton.jit
@@ -49,10 +49,7 @@ def _topk_softmax_kernel(
     partial = tl.load(partial_ptr + (token * SPLITS + splits[:, None]) * BLOCK_E + experts[None, :])
     logits = tl.sum(partial, axis=0) + tl.load(b_ptr + experts, mask=valid_e, other=0.0).to(tl.float32)
     if ROUND_BF16:
-        # Round to nearest even by hand: the 3.6 interpreter's .to(tl.bfloat16) truncates instead.
-        bits = logits.to(tl.uint32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        logits = bits.to(tl.float32, bitcast=True)
+        logits = round_to_bf16(logits)
     logits = tl.where(valid_e, logits, float("-inf"))
 
     slots = tl.arange(0, BLOCK_TOPK)

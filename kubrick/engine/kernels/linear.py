@@ -1,0 +1,77 @@
+"""Linear layers for one token (batch-1 decode): y = x W^T + b (+ residual) as a GEMV that streams W once.
+
+At one token cuBLAS runs these shapes at 59 % (out-projection, 2880 x 4096) and 76 % (QKV, 5120 x 2880) of
+copy bandwidth on the H100 (BENCHMARKS.md, profile of run 21). This kernel reads W in 16-byte vectors, many
+rows per program and the K loop unmasked but for one tail step, and adds the bias and the residual on the
+way out (one launch fewer than `x + F.linear(...)`). Rounding is F.linear's: float32 sums, the output
+rounded to x's dtype, then the residual added and rounded again, as `x + linear` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kubrick.engine.kernels._common import block_config, round_to_bf16
+
+
+@triton.jit
+def _gemv_step(x_ptr, w_ptr, offs_n, mask_n, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, MASK_N: tl.constexpr,
+               MASK_K: tl.constexpr):
+    k = k0 + tl.arange(0, BLOCK_K)
+    if MASK_K:
+        in_k = k < K
+        w_mask = in_k[None, :] & mask_n[:, None] if MASK_N else in_k[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=w_mask, other=0.0)
+        x = tl.load(x_ptr + k[None, :] + 0 * offs_n[:, None], mask=in_k[None, :], other=0.0)
+    else:
+        if MASK_N:
+            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :])
+        x = tl.load(x_ptr + k[None, :] + 0 * offs_n[:, None])  # in W's layout: no shuffle through shared memory
+    return w.to(tl.float32) * x.to(tl.float32)
+
+
+@triton.jit
+def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    FULL: tl.constexpr = K // BLOCK_K * BLOCK_K
+    for k0 in range(0, FULL, BLOCK_K):
+        acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, k0, K, BLOCK_K, MASK_N, False)
+    if FULL < K:
+        acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, FULL, K, BLOCK_K, MASK_N, True)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        y = round_to_bf16(y)
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            y = round_to_bf16(y)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T + bias (+ residual [M, N]) in x's dtype: the GEMV for M == 1, else F.linear."""
+    if x.shape[0] != 1 or not weight.is_contiguous() or not x[0].is_contiguous():
+        y = F.linear(x, weight, bias)
+        return y if residual is None else residual + y
+    n, k = weight.shape
+    cfg = block_config("linear_gemv", x.device) | (config or {})
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _linear_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x, weight, bias if bias is not None else out, residual if residual is not None else out, out,
+        N=n, K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, num_warps=cfg["num_warps"],
+    )
+    return out
