@@ -35,22 +35,25 @@ PROMPTS = [
 
 
 def timed_steps(engine: Engine) -> list[tuple[float, int]]:
-    """Record (seconds, segments) of every batched step the engine runs."""
-    steps, forward = [], engine.forward_batch
+    """Record (seconds since the step before, segments) of every batched step the engine runs."""
+    steps, forward, last = [], engine.forward_batch, []
 
-    def timed(segments):
-        start = time.perf_counter()
-        logits = forward(segments)
-        steps.append((time.perf_counter() - start, len(segments)))
-        return logits
+    def timed(segments, **kwargs):
+        # From one step's start to the next: with chained steps forward_batch returns before the GPU is done,
+        # so the spacing of the starts, not a call's length, is the step time a stream sees.
+        now = time.perf_counter()
+        if last:
+            steps.append((now - last[0], len(segments)))
+        last[:] = [now]
+        return forward(segments, **kwargs)
 
     engine.forward_batch = timed
     return steps
 
 
-def run_batch(engine: Engine, requests: list[tuple[list[Message], SamplingParams]]) -> tuple[float, int]:
+def run_batch(engine: Engine, requests: list[tuple[list[Message], SamplingParams]], chain: bool = True) -> tuple[float, int]:
     """(wall seconds, completion tokens) for all requests submitted at once."""
-    scheduler = Scheduler(engine)
+    scheduler = Scheduler(engine, chain=chain)
     done, finished = threading.Semaphore(0), []
 
     def on_event(event):
@@ -76,14 +79,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def throughput(engine: Engine, clients: list[int], max_tokens: int, one_at_a_time: bool = True) -> list[str]:
+def throughput(engine: Engine, clients: list[int], max_tokens: int, one_at_a_time: bool = True,
+               chain: bool = True) -> list[str]:
     rows = ["| streams | batched tok/s | one at a time tok/s | step p50 ms | step p99 ms |", "|---|---|---|---|---|"]
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     for n in clients:
         requests = [([Message("user", f"{PROMPTS[i % len(PROMPTS)]} ({i})")], params) for i in range(n)]
         engine.paged.drop_cached()
         steps = timed_steps(engine)
-        wall, tokens = run_batch(engine, requests)
+        wall, tokens = run_batch(engine, requests, chain)
         del engine.forward_batch  # back to the class's method
         serial = "not run"
         if one_at_a_time:
@@ -145,7 +149,9 @@ def main() -> int:
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--long-prompt", type=int, default=2048)
-    parser.add_argument("--step-tokens", default="64,256,512")
+    parser.add_argument("--step-tokens", default="64,256,512", help="step_tokens settings of the step-bound table ('' skips it)")
+    parser.add_argument("--chain", action=argparse.BooleanOptionalAction, default=True,
+                        help="queue greedy decode steps behind each other (the scheduler's default)")
     parser.add_argument("--one-at-a-time", action=argparse.BooleanOptionalAction, default=True,
                         help="also serve the same requests one after another through Engine.generate")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 keeps figures steady on a busy machine)")
@@ -164,9 +170,10 @@ def main() -> int:
             make_checkpoint(checkpoint, preset="tiny", seed=0)
     engine = Engine(checkpoint, device=args.device, context_length=4096, implementation=args.impl)
     print(engine.kv_cache_description(), flush=True)
-    table1 = throughput(engine, [int(c) for c in args.clients.split(",")], args.max_tokens, args.one_at_a_time)
+    table1 = throughput(engine, [int(c) for c in args.clients.split(",")], args.max_tokens, args.one_at_a_time, args.chain)
     del engine
-    table2 = step_bound(checkpoint, args.device, args.impl, [int(s) for s in args.step_tokens.split(",")], args.long_prompt, 4)
+    settings = [int(s) for s in args.step_tokens.split(",") if s]
+    table2 = step_bound(checkpoint, args.device, args.impl, settings, args.long_prompt, 4) if settings else []
     if args.record:
         with args.record.open("a") as out:
             out.write(

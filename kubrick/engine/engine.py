@@ -210,10 +210,20 @@ class Engine:
             )
         return prompt, params
 
-    def forward_batch(self, segments) -> torch.Tensor:
-        """One batched step over the paged cache: logits [segments, vocab] (see model.Transformer.forward_batch)."""
+    def forward_batch(self, segments, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One batched step over the paged cache: logits [segments, vocab] (see model.Transformer.forward_batch).
+
+        device_tokens: each segment's one token as a device tensor (the last step's greedy picks, not yet read
+        back), fed in place of the segments' placeholders. The kernel engine queues such a step behind the last
+        one without waiting for it; the reference model reads the tokens first.
+        """
         try:
-            return self.model.forward_batch(segments, self.paged)
+            if device_tokens is None:
+                return self.model.forward_batch(segments, self.paged)
+            if getattr(self.model, "takes_device_tokens", False):
+                return self.model.forward_batch(segments, self.paged, device_tokens=device_tokens)
+            picks = device_tokens.tolist()
+            return self.model.forward_batch([(seq, [t]) for (seq, _), t in zip(segments, picks)], self.paged)
         except torch.cuda.OutOfMemoryError:
             raise EngineError("the GPU ran out of memory; lower --kv-cache-memory or KUBRICK_STEP_TOKENS") from None
 

@@ -42,6 +42,8 @@ from kubrick.engine.paged_cache import PagedKVCache, SequenceBlocks
 
 
 class FastTransformer:
+    takes_device_tokens = True  # forward_batch may feed the last step's picks without reading them back
+
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
         self.config = config
         self.w = weights
@@ -117,19 +119,29 @@ class FastTransformer:
         return PagedKVCache.for_model(self.config, num_blocks, window_blocks, block_size, self.device)
 
     @torch.inference_mode()
-    def forward_batch(self, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache) -> torch.Tensor:
+    def forward_batch(self, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache,
+                      device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One scheduler step, as model.Transformer.forward_batch: each segment (a sequence and its next tokens)
         runs at positions seq.length …; returns fp32 logits of the last token of each segment that reached the
-        end of its sequence's known tokens, in order; advances every sequence."""
+        end of its sequence's known tokens, in order; advances every sequence.
+
+        device_tokens: one token per segment, on the GPU (the last step's greedy picks), to feed instead of the
+        segments' own (one placeholder each): the step is queued without waiting for the last one to finish.
+        """
+        graphs = self.paged_decoder if self.paged_decoder is not None and self.paged_decoder.cache is cache else None
+        graphed = (graphs is not None and len(segments) <= graphs.buckets[-1]
+                   and all(len(part) == 1 for _, part in segments))
+        if device_tokens is not None and not graphed:  # the eager path takes host tokens: wait for them
+            segments = [(seq, [token]) for (seq, _), token in zip(segments, device_tokens.tolist())]
+            device_tokens = None
         for seq, part in segments:
             cache.prepare(seq, part, prefill=seq.length < len(seq.tokens))
-        graphs = self.paged_decoder if self.paged_decoder is not None and self.paged_decoder.cache is cache else None
         step = PagedStep.build(segments, cache, width=graphs.max_blocks if graphs else None)
         if graphs is not None and step.decode_count <= graphs.buckets[-1]:
             # The decode kernel's splits of the graph bucket that would hold these decodes: compiled already.
             step.splits = graphs.steps[graphs.bucket_for(max(step.decode_count, 1))].splits
-        if step.decode_only and graphs is not None and len(segments) <= graphs.buckets[-1]:
-            logits = graphs.step(step)[: len(segments)]
+        if graphed:
+            logits = graphs.step(step, device_tokens)[: len(segments)]
         else:
             logits = self._paged_layers(step.to(self.device), cache, last_rows=True)
         for seq, part in segments:
@@ -527,8 +539,9 @@ class PagedGraphDecoder:
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if n <= b)
 
-    def step(self, step: PagedStep) -> torch.Tensor:
-        """A decode-only step (host tensors from PagedStep.build) -> logits [bucket, vocab], rows n … idle."""
+    def step(self, step: PagedStep, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode-only step (host tensors from PagedStep.build) -> logits [bucket, vocab], rows n … idle.
+        device_tokens: the n tokens to feed, already on the GPU (step.tokens then holds placeholders)."""
         n = step.tokens.shape[0]
         bucket = self.bucket_for(n)
         cols = step.table_full.shape[1]
@@ -544,5 +557,7 @@ class PagedGraphDecoder:
         self.kv_lens[:bucket].copy_(self.host_lens[:bucket], non_blocking=True)
         self.tables[:, :bucket].copy_(self.host_tables[:, :bucket], non_blocking=True)
         self.copied.record()
+        if device_tokens is not None:  # in stream order: after the step that picked them
+            self.rows[0, :n].copy_(device_tokens)
         self.graphs[bucket].replay()
         return self.logits[bucket]

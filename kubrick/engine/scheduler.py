@@ -13,6 +13,9 @@ Continuous batching (engines with a paged KV cache, `engine.paged`): every step
      prefill chunks (cut at KV-block boundaries) of the requests still reading their prompts, in arrival order;
   3. runs them in one `engine.forward_batch` and samples each finished row with that request's own sampler,
      Harmony parser, stop strings and max_tokens; finished requests leave the batch and free their blocks.
+  4. When every row is a greedy pick and the batch does not change, the next decode step is queued on the GPU
+     before this one's picks are read back, fed them there (`_chain`): the host's work for a step (text,
+     stops, block tables, launches) then runs while the GPU computes, instead of between steps.
 The step-time bound: a step never runs more than `step_tokens` tokens, so a 30,000-token prompt is read
 `step_tokens - decoding requests` tokens at a time while every other stream still gets a token each step.
 Engines without a paged cache (the Triton-kernel FastTransformer, until its kernels read the paged layout)
@@ -82,13 +85,15 @@ class RequestHandle:
 class Scheduler:
     """Owns the engine on one thread; requests are admitted in arrival order."""
 
-    def __init__(self, engine: EngineLike, name: str = "kubrick-engine"):
+    def __init__(self, engine: EngineLike, name: str = "kubrick-engine", chain: bool = True):
         self.engine = engine
+        self.chain = chain  # queue greedy decode steps behind each other (see _chain); off: one step at a time
         self.batching = getattr(engine, "paged", None) is not None
         self._waiting: deque[RequestHandle] = deque()
         self._running: list = []  # RequestHandles (one at a time) or _Active requests (batched)
         self._prepared: dict[int, tuple] = {}  # waiting requests already checked: id -> (prompt, params, positions)
         self._pending: list[tuple[_Active, int]] = []  # sampled tokens whose text is still to be streamed
+        self._inflight: _Inflight | None = None  # a queued greedy step whose picks are not read back yet
         self._lock = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
@@ -148,6 +153,7 @@ class Scheduler:
                 self._iteration()
             except Exception as err:  # a bug outside any one request: fail the running ones, keep the loop alive
                 log.exception("scheduler step failed")
+                self._inflight = None
                 for active in list(self._running):
                     self._end(active, error=EngineError(f"the engine failed ({type(err).__name__}: {err})"))
         for active in list(self._running):
@@ -158,6 +164,7 @@ class Scheduler:
             self._end(active, "cancelled")
         self._admit()
         if not self._running:
+            self._inflight = None  # every request of it has ended: nothing of it is wanted
             with self._lock:  # a head that found no room waits for a finishing request (or a new one)
                 if self._waiting and self._waiting[0].id in self._prepared and not self._stopping:
                     self._lock.wait(0.05)
@@ -245,6 +252,10 @@ class Scheduler:
         return plan
 
     def _step(self) -> None:
+        if self._inflight is not None and not self._chain():
+            self._resolve_inflight()
+        if self._inflight is not None:  # chained: this iteration's step is queued and the last one's handled
+            return
         plan = self._plan()
         if not plan:
             self._flush_pending()
@@ -264,6 +275,11 @@ class Scheduler:
         # there ends its request; this step's row for it is then dropped).
         self._flush_pending()
         greedy = [a.sampler.temperature == 0 for a in finished]
+        if self.chain and finished and len(finished) == len(plan) and all(greedy):
+            # Every row is a greedy pick: leave them on the GPU, so the next step can be queued behind this one
+            # before the host reads them (see _chain).
+            self._inflight = _Inflight(finished, _Picks(logits[:, : finished[0].vocab].argmax(-1)))
+            return
         # Greedy rows: one argmax over the batch and one transfer, not a device round trip per row.
         picks = logits[:, : finished[0].vocab].argmax(-1).tolist() if any(greedy) else [None] * len(finished)
         for active, row, is_greedy, pick in zip(finished, logits, greedy, picks):
@@ -272,6 +288,60 @@ class Scheduler:
             try:
                 self._on_logits(active, row, pick if is_greedy else None)
             except Exception as err:  # sampling or parsing broke on this request; keep serving the others
+                log.exception("request %d failed", active.handle.id)
+                self._end(active, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
+
+    def _chain(self) -> bool:
+        """Queue the next decode step behind the in-flight one, fed its greedy picks on the GPU, then handle
+        those picks while the GPU runs it: the host's work (text, stops, the next step's block tables) then
+        overlaps the GPU's instead of leaving it idle between steps.
+
+        Only when the batch is unchanged and no pick can be a request's last by length; a request the picks
+        end (a stop token, a stop string) leaves as usual and its row of the queued step is dropped.
+        False: not chained (the in-flight picks are still to be handled)."""
+        inflight = self._inflight
+        ctx = self.engine.context_length
+        if len(self._running) != len(inflight.actives) or any(
+            a.ended or a.handle.cancelled or a.produced + 1 >= a.params.max_tokens
+            or len(a.prompt) + a.produced + 1 >= ctx
+            for a in inflight.actives
+        ):
+            return False
+        actives = inflight.actives
+        marks = [len(a.seq.tokens) for a in actives]  # where each placeholder lands in its sequence's tokens
+        try:
+            logits = self.engine.forward_batch([(a.seq, [0]) for a in actives], device_tokens=inflight.picks.device)
+        except Exception as err:  # as in _step: end this step's requests with the reason, keep serving
+            if not isinstance(err, EngineError):
+                log.exception("engine step failed")
+                err = EngineError(f"the engine failed on this request ({type(err).__name__}: {err})")
+            self._inflight = None
+            self._flush_pending()
+            for active in actives:
+                self._end(active, error=err)
+            return True
+        self._inflight = _Inflight(actives, _Picks(logits[:, : actives[0].vocab].argmax(-1)))
+        self._flush_pending()  # the last step's text, while the GPU works
+        tokens = inflight.picks.tolist()  # waits for the previous step only; the GPU goes on with this one
+        for a, mark, token in zip(actives, marks, tokens):
+            a.seq.tokens[mark] = token
+        self._take_picks(actives, tokens)
+        return True
+
+    def _resolve_inflight(self) -> None:
+        """Read the in-flight step's picks back and hand them to their requests (no step queued behind)."""
+        inflight, self._inflight = self._inflight, None
+        tokens = inflight.picks.tolist()
+        self._flush_pending()
+        self._take_picks(inflight.actives, tokens)
+
+    def _take_picks(self, actives: list[_Active], tokens: list[int]) -> None:
+        for active, token in zip(actives, tokens):
+            if active.ended:
+                continue
+            try:
+                self._on_logits(active, None, token)
+            except Exception as err:  # parsing broke on this request; keep serving the others
                 log.exception("request %d failed", active.handle.id)
                 self._end(active, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
 
@@ -411,6 +481,35 @@ class Scheduler:
             handle.on_event(outcome)
         except Exception:  # a broken listener must not take the engine down
             log.exception("event callback failed for request %d", handle.id)
+
+
+class _Picks:
+    """A step's greedy picks: on the device (to feed the next step) and on their way to the host. The copy to
+    the host is queued right behind the argmax: a plain .tolist() later would queue it behind the next step
+    too, and wait for that step to finish."""
+
+    def __init__(self, picks):
+        import torch
+
+        self.device, self.ready = picks, None
+        self.host = picks
+        if picks.is_cuda:
+            self.host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=True)
+            self.host.copy_(picks, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def tolist(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
+class _Inflight:
+    """A step queued on the GPU whose rows are all greedy: its requests, in row order, and their picks."""
+
+    def __init__(self, actives: list, picks: _Picks):
+        self.actives, self.picks = actives, picks
 
 
 class _Active:

@@ -108,6 +108,47 @@ def test_requests_joining_and_leaving_a_running_batch_get_exactly_their_solo_rep
     assert engine.paged.usage() == 0
 
 
+def test_queueing_each_greedy_step_behind_the_last_changes_no_reply(engine):
+    # Chained steps feed the last step's picks on the device and read them back a step late; a request that
+    # stops (max_tokens, a stop string) leaves mid-chain and its row of the queued step is dropped.
+    requests = [
+        (ask("Tell me a long story about a lighthouse."), SamplingParams(temperature=0, max_tokens=30)),
+        (ask("What is two plus two?"), SamplingParams(temperature=0, max_tokens=5)),
+        (ask("Say something short."), SamplingParams(temperature=0, max_tokens=25, stop=("e",))),
+        (ask("Count to ten."), SamplingParams(temperature=0, max_tokens=12)),
+    ]
+    runs, chained = {}, {"steps": 0}
+    real = engine.forward_batch
+
+    def counting(segments, device_tokens=None):
+        chained["steps"] += device_tokens is not None
+        return real(segments, device_tokens=device_tokens)
+
+    engine.forward_batch = counting
+    try:
+        for chain in (False, True):
+            engine.paged.drop_cached()
+            scheduler = Scheduler(engine, chain=chain)
+            try:
+                replies = [Reply() for _ in requests]
+                for (messages, params), reply in zip(requests, replies):
+                    scheduler.submit(messages, params, reply)
+                assert all(r.done.wait(120) for r in replies)
+            finally:
+                scheduler.stop()
+            runs[chain] = replies
+            if not chain:
+                assert chained["steps"] == 0
+    finally:
+        del engine.forward_batch
+    assert chained["steps"] >= 10
+    for plain, queued in zip(runs[False], runs[True]):
+        assert isinstance(queued.last, Finished) and queued.text == plain.text
+        assert queued.last.reason == plain.last.reason
+        assert queued.last.usage.completion_tokens == plain.last.usage.completion_tokens
+    assert engine.paged.usage() == 0
+
+
 def test_when_the_cache_is_full_a_request_waits_then_runs(tiny_original):
     # Room for 12 full blocks (192 positions) beside the window blocks of 2 sequences.
     engine = make_engine(tiny_original, max_batch=2, step_tokens=32, kv_cache_memory=_budget(tiny_original, 12, 2, 32))

@@ -20,12 +20,13 @@ def test_kernel_engine_batches_concurrent_requests_over_the_paged_cache(tiny_ori
     engine = Engine(tiny_original, device="cuda", context_length=256, kv_cache_memory="64MiB", max_batch=8)
     assert engine.paged is not None and engine.model.paged_decoder.cache is engine.paged
     scheduler = Scheduler(engine)
-    steps = {"batched": 0}
+    steps = {"batched": 0, "chained": 0}
     real = engine.forward_batch
 
-    def counting(segments):  # how many sequences shared a step, at most
+    def counting(segments, **kwargs):  # how many sequences shared a step, at most; steps fed on the GPU
         steps["batched"] = max(steps["batched"], len(segments))
-        return real(segments)
+        steps["chained"] += kwargs.get("device_tokens") is not None
+        return real(segments, **kwargs)
 
     engine.forward_batch = counting
     done, outcomes = threading.Event(), {}
@@ -48,4 +49,5 @@ def test_kernel_engine_batches_concurrent_requests_over_the_paged_cache(tiny_ori
     assert all(isinstance(o, Finished) for o in outcomes.values()), outcomes
     assert all(o.usage.completion_tokens >= 1 for o in outcomes.values())
     assert steps["batched"] >= 2  # requests really ran side by side
+    assert steps["chained"] >= 5  # greedy decode steps were queued behind each other
     assert engine.paged.full_pool.referenced() == 0  # every block given back (prefix blocks stay cached, unreferenced)

@@ -90,7 +90,8 @@ def test_block_tables_find_every_position_the_cache_wrote(tiny):
 def test_graph_replayed_batched_decode_matches_eager_steps_and_the_reference_at_20b_width(tmp_path):
     # gpt-oss-20b's layer shapes (2 layers, a smaller vocabulary), three sequences prefilled in one mixed step
     # (150, 37 and 200 tokens, past the 128-token window), then 40 decode-only steps in the 4-sequence bucket
-    # (one idle row); the graphs against the same model run eagerly, and both against the reference.
+    # (one idle row), every other one fed its tokens on the GPU; the graphs against the same model run eagerly,
+    # and both against the reference.
     config = replace(ModelConfig(), num_hidden_layers=2, vocab_size=32768)
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config.to_original_json()))
@@ -105,9 +106,14 @@ def test_graph_replayed_batched_decode_matches_eager_steps_and_the_reference_at_
     models = (reference, graphed, eager)
     logits = [m.forward_batch(list(zip(s, prompts)), c) for m, s, c in zip(models, seqs, caches)]
     graph_vs_eager, vs_reference, agreed = [], [], 0
-    for _ in range(40):
+    for step in range(40):
         tokens = [[int(row.argmax())] for row in logits[0]]  # everyone continues from the reference's text
-        logits = [m.forward_batch(list(zip(s, tokens)), c) for m, s, c in zip(models, seqs, caches)]
+        logits = [m.forward_batch(list(zip(s, tokens)), c) for m, s, c in zip(models[::2], seqs[::2], caches[::2])]
+        if step % 2:  # the scheduler's chained steps: tokens already on the GPU, placeholders in the segments
+            on_gpu = torch.tensor([t for t, in tokens], device="cuda")
+            logits.insert(1, graphed.forward_batch([(s, [0]) for s in seqs[1]], caches[1], device_tokens=on_gpu))
+        else:
+            logits.insert(1, graphed.forward_batch(list(zip(seqs[1], tokens)), caches[1]))
         graph_vs_eager.append(rel_error(logits[1], logits[2]))
         vs_reference.append(rel_error(logits[1], logits[0]))
         agreed += sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(logits[1], logits[0]))
