@@ -71,6 +71,16 @@ def test_group_by_expert_covers_every_pair_once_in_single_expert_tiles(device):
         assert all(flat[p] == expert for p in members)
 
 
+@pytest.mark.parametrize("tokens,topk,experts,block_m", [(500, 4, 5, 16), (7, 4, 32, 64), (64, 4, 32, 16)])
+def test_group_by_expert_is_the_stable_sort_of_the_reference(device, tokens, topk, experts, block_m):
+    # 2000 pairs span several of the kernel's chunks; 5 experts is no power of two.
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(0, experts, (tokens, topk), generator=gen, dtype=torch.int32).to(device)
+    got = group_by_expert(ids, experts, block_m)
+    expected = reference.group_by_expert(ids, experts, block_m)
+    assert all(torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, expected))
+
+
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_moe_grouped_matches_reference(device, dtype, bound):
     x, ids, weights, w = random_moe(tokens=20, hidden=64, inter=96, experts=4, topk=2, dtype=dtype, device=device)

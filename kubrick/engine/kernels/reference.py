@@ -128,3 +128,25 @@ def rope_and_cache(qkv, cos, sin, positions, k_cache, v_cache, q_heads: int, kv_
     k_cache[positions] = rotate(k, kv_heads).to(k_cache.dtype)
     v_cache[positions] = v.reshape(n, kv_heads, head_dim).to(v_cache.dtype)
     return rotate(q, q_heads)
+
+
+def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs sorted by expert, each expert's run padded to whole tiles of block_m.
+
+    expert_ids [T, k] -> (pair ids [tiles * block_m]: pair token * k + slot, -1 = padding; tile expert
+    [tiles]: -1 = none), tiles = cdiv(T * k, block_m) + n_experts (the worst case), both int32; within an
+    expert, pairs keep their order (a stable sort).
+    """
+    flat = expert_ids.flatten().long()
+    tiles = -(-flat.numel() // block_m) + n_experts
+    pair_ids = torch.full((tiles * block_m,), -1, dtype=torch.int32)
+    tile_expert = torch.full((tiles,), -1, dtype=torch.int32)
+    tile = 0
+    for expert in range(n_experts):
+        members = (flat == expert).nonzero().flatten()
+        for first in range(0, len(members), block_m):
+            run = members[first : first + block_m]
+            pair_ids[tile * block_m : tile * block_m + len(run)] = run.to(torch.int32)
+            tile_expert[tile] = expert
+            tile += 1
+    return pair_ids.to(expert_ids.device), tile_expert.to(expert_ids.device)
