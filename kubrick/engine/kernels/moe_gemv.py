@@ -33,7 +33,7 @@ import triton.language as tl
 
 from kubrick.engine.kernels._common import block_config, num_sms
 
-X_SCALE = 2.0**64  # the activations' factor in GEMV layout (see the module docstring)
+X_SCALE: tl.constexpr = tl.constexpr(2.0**64)  # the activations' factor in GEMV layout (see the docstring)
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _gemv_layout_kernel(x_ptr, stride_x, xt_ptr, K: tl.constexpr, BLOCK: tl.cons
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + token * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-    tl.store(xt_ptr + token * K + (cols % 8) * (K // 8) + cols // 8, x * 1.8446744073709552e19, mask=cols < K)
+    tl.store(xt_ptr + token * K + (cols % 8) * (K // 8) + cols // 8, x * X_SCALE, mask=cols < K)
 
 
 def gemv_layout(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,7 +154,7 @@ def _mlp1_swiglu_gemv_kernel(
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     out = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    out = out.to(H_DTYPE).to(tl.float32) * 1.8446744073709552e19  # h as the reference rounds it, times 2**64
+    out = out.to(H_DTYPE).to(tl.float32) * X_SCALE  # h as the reference rounds it, in GEMV layout
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     tl.store(ht_ptr + pair * INTER + (i % 8) * (INTER // 8) + i // 8, out, mask=i < INTER)
 

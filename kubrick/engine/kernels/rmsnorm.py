@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kubrick.engine.kernels.moe_gemv import X_SCALE
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, gemv_ptr, BLOCK: tl.constexpr,
@@ -24,7 +26,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, ge
     tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
     if GEMV:  # float32 times 2**64 at [col % 8, col // 8]: moe_gemv.gemv_layout
         tl.store(gemv_ptr + row * n_cols + (cols % 8) * (n_cols // 8) + cols // 8,
-                 y.to(tl.float32) * 1.8446744073709552e19, mask=mask)
+                 y.to(tl.float32) * X_SCALE, mask=mask)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out: torch.Tensor | None = None,
