@@ -306,7 +306,7 @@ class CudaGraphBatchDecoder:
         self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
         self.idle_position = cache.capacity - 1
         self.positions = torch.full((cache.batch,), self.idle_position, dtype=torch.long, device=device)
-        self.graphs, self.logits, self.steps, pool = {}, {}, {}, None
+        self.graphs, self.logits, pool = {}, {}, None
         for bucket in self.buckets:
             tokens, positions = self.tokens[:bucket], self.positions[:bucket]
             side = torch.cuda.Stream(device)
@@ -496,14 +496,13 @@ class PagedGraphDecoder:
         self._fill_idle(0, top)
         self.rows.copy_(self.host_rows)
         self.tables.copy_(self.host_tables)
-        c = model.config
+        c, block_n = model.config, block_config("attn_decode", device)["BLOCK_N"]
         self.graphs, self.logits, self.steps, pool = {}, {}, {}, None
         for bucket in self.buckets:
             step = self._static_step(bucket)
-            step.splits = {
-                0: pick_splits(bucket, c.num_key_value_heads, max_blocks * page, block_config("attn_decode", device)["BLOCK_N"], device),
-                c.sliding_window: pick_splits(bucket, c.num_key_value_heads, min(c.sliding_window, max_blocks * page),
-                                              block_config("attn_decode", device)["BLOCK_N"], device),
+            step.splits = {  # per window: the longest context the graphs were captured for
+                window: pick_splits(bucket, c.num_key_value_heads, keys, block_n, device)
+                for window, keys in ((0, max_blocks * page), (c.sliding_window, min(c.sliding_window, max_blocks * page)))
             }
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))

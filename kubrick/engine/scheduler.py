@@ -52,6 +52,11 @@ EventCallback = Callable[[Outcome], None]
 SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
 
 
+def _failure(err: Exception) -> EngineError:
+    """What a request is told when a bug outside its control ends it."""
+    return EngineError(f"the engine failed on this request ({type(err).__name__}: {err})")
+
+
 @dataclass
 class RequestHandle:
     """One submitted request: its cancel token and the moments the adapter turns into metrics."""
@@ -188,7 +193,7 @@ class Scheduler:
             except Exception as err:  # a bug on this request's way in: it fails, the queue moves on
                 log.exception("admitting request %d failed", handle.id)
                 self._remove_waiting(handle)
-                self._finish(handle, EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
+                self._finish(handle, _failure(err))
                 continue
             if seq is None:
                 return  # no room now: it waits (and everyone behind it) until a running request frees blocks
@@ -262,13 +267,8 @@ class Scheduler:
             return
         try:
             logits = self.engine.forward_batch([(a.seq, tokens) for a, tokens in plan])
-        except Exception as err:  # the step broke: end its requests with the reason, keep serving the rest
-            if not isinstance(err, EngineError):
-                log.exception("engine step failed")
-                err = EngineError(f"the engine failed on this request ({type(err).__name__}: {err})")
-            self._flush_pending()
-            for active, _ in plan:
-                self._end(active, error=err)
+        except Exception as err:
+            self._fail_step([a for a, _ in plan], err)
             return
         finished = [a for a, _ in plan if a.prefill_left == 0]  # logits rows exist only for these
         # The last step's text is parsed and streamed now, while the GPU runs this step (a stop string found
@@ -282,14 +282,7 @@ class Scheduler:
             return
         # Greedy rows: one argmax over the batch and one transfer, not a device round trip per row.
         picks = logits[:, : finished[0].vocab].argmax(-1).tolist() if any(greedy) else [None] * len(finished)
-        for active, row, is_greedy, pick in zip(finished, logits, greedy, picks):
-            if active.ended:
-                continue
-            try:
-                self._on_logits(active, row, pick if is_greedy else None)
-            except Exception as err:  # sampling or parsing broke on this request; keep serving the others
-                log.exception("request %d failed", active.handle.id)
-                self._end(active, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
+        self._take_picks(finished, [pick if is_greedy else None for pick, is_greedy in zip(picks, greedy)], logits)
 
     def _chain(self) -> bool:
         """Queue the next decode step behind the in-flight one, fed its greedy picks on the GPU, then handle
@@ -311,14 +304,9 @@ class Scheduler:
         marks = [len(a.seq.tokens) for a in actives]  # where each placeholder lands in its sequence's tokens
         try:
             logits = self.engine.forward_batch([(a.seq, [0]) for a in actives], device_tokens=inflight.picks.device)
-        except Exception as err:  # as in _step: end this step's requests with the reason, keep serving
-            if not isinstance(err, EngineError):
-                log.exception("engine step failed")
-                err = EngineError(f"the engine failed on this request ({type(err).__name__}: {err})")
+        except Exception as err:
             self._inflight = None
-            self._flush_pending()
-            for active in actives:
-                self._end(active, error=err)
+            self._fail_step(actives, err)
             return True
         self._inflight = _Inflight(actives, _Picks(logits[:, : actives[0].vocab].argmax(-1)))
         self._flush_pending()  # the last step's text, while the GPU works
@@ -335,15 +323,28 @@ class Scheduler:
         self._flush_pending()
         self._take_picks(inflight.actives, tokens)
 
-    def _take_picks(self, actives: list[_Active], tokens: list[int]) -> None:
-        for active, token in zip(actives, tokens):
+    def _take_picks(self, actives: list[_Active], picks: list[int | None], rows=None) -> None:
+        """Hand each request its greedy pick, or (pick None) its row of `rows` to sample from."""
+        for i, (active, pick) in enumerate(zip(actives, picks)):
             if active.ended:
                 continue
             try:
-                self._on_logits(active, None, token)
-            except Exception as err:  # parsing broke on this request; keep serving the others
-                log.exception("request %d failed", active.handle.id)
-                self._end(active, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
+                self._on_logits(active, rows[i] if rows is not None else None, pick)
+            except Exception as err:  # sampling or parsing broke on this request; keep serving the others
+                self._request_failed(active, err)
+
+    def _fail_step(self, actives: list[_Active], err: Exception) -> None:
+        """A step broke: end its requests with the reason, keep serving the rest."""
+        if not isinstance(err, EngineError):
+            log.exception("engine step failed")
+            err = _failure(err)
+        self._flush_pending()
+        for active in actives:
+            self._end(active, error=err)
+
+    def _request_failed(self, a: _Active, err: Exception) -> None:
+        log.exception("request %d failed", a.handle.id)
+        self._end(a, error=_failure(err))
 
     def _on_logits(self, a: _Active, logits, greedy_pick: int | None = None) -> None:
         """Sample this request's next token (or take the batch's greedy pick) and stream what it completes
@@ -385,8 +386,7 @@ class Scheduler:
             try:
                 self._stream_text(a, token)
             except Exception as err:  # parsing broke on this request; keep serving the others
-                log.exception("request %d failed", a.handle.id)
-                self._end(a, error=EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
+                self._request_failed(a, err)
 
     def _end(self, a: _Active, reason: str = "", error: EngineError | None = None) -> None:
         """A request leaves the batch: its blocks go back at once, then its last events."""
@@ -464,7 +464,7 @@ class Scheduler:
             self._finish(handle, err)
         except Exception as err:  # the engine broke on this request; keep serving the others
             log.exception("engine failed on request %d", handle.id)
-            self._finish(handle, EngineError(f"the engine failed on this request ({type(err).__name__}: {err})"))
+            self._finish(handle, _failure(err))
 
     def _finish(self, handle: RequestHandle, outcome: Outcome) -> None:
         if handle.done:
