@@ -5,7 +5,7 @@ Memory-bound kernels (decode) are measured against the device-to-device copy ban
 run; compute-bound ones (prefill) report TFLOP/s. Every kernel runs over LAYERS distinct weight/cache copies
 inside one CUDA graph, so nothing is served from L2 that a real decode step would have to read from HBM.
 
-    python scripts/bench_kernels.py [--sweep] [--model] [--json out.json] [--layers 8]
+    python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--model] [--json out.json] [--layers 8]
 """
 
 from __future__ import annotations
@@ -212,6 +212,56 @@ def sweep(layers: int) -> list[dict]:
     return rows
 
 
+SMALL_SWEEP = [  # few pairs per expert: Triton's dot_scaled, W @ x^T tiles (SWAP_AB), our inline-PTX decode (FAST_FP4)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, DOT_SCALED=scaled, SWAP_AB=swap, FAST_FP4=fast)
+    for m, n, k, w, st, scaled, swap, fast in (
+        (16, 64, 64, 4, 3, True, False, False), (16, 64, 128, 4, 3, True, True, False),
+        (16, 128, 128, 4, 3, True, True, False), (16, 64, 128, 4, 3, False, True, False),
+        (16, 64, 128, 4, 3, False, False, True), (16, 128, 64, 4, 3, False, False, True),
+        (16, 128, 128, 4, 3, False, False, True), (16, 128, 128, 4, 2, False, False, True),
+        (16, 128, 128, 4, 4, False, False, True), (16, 128, 256, 4, 3, False, False, True),
+        (16, 256, 64, 4, 3, False, False, True), (16, 256, 128, 4, 3, False, False, True),
+        (16, 256, 128, 8, 3, False, False, True), (16, 128, 128, 8, 3, False, False, True),
+        (32, 128, 128, 4, 3, False, False, True),
+    )
+]
+PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_FP4 on plain tl.dot
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True)
+    for m, n, k, w, st in ((64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4),
+                           (128, 64, 128, 8, 3), (128, 256, 64, 8, 3))
+]
+
+
+def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
+    """The grouped MoE over SMALL_SWEEP (up to 128 tokens) or PREFILL_FAST, beside the table's choice and,
+    for few tokens, the GEMV's."""
+    rows = []
+    bandwidth = copy_bandwidth()
+    experts = moe_weights(layers)
+    for tokens in token_counts:
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        nbytes = sum(int(ids.unique().numel()) for ids, _ in routes) / layers * mxfp4_expert_bytes()
+        flops = 2 * tokens * TOPK * (HIDDEN * 2 * INTER + INTER * HIDDEN)
+        configs = SMALL_SWEEP if tokens <= 128 else PREFILL_FAST
+        runs = [("moe_grouped", moe_grouped, cfg) for cfg in [None] + configs]
+        if tokens * TOPK <= 64:
+            runs.insert(0, ("moe_gemv", moe_gemv, None))
+        for name, fn, cfg in runs:
+            calls = [lambda r=r, w=w, fn=fn, cfg=cfg: fn(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+            try:
+                us = time_per_call(calls, replays=5 if tokens > 128 else 20) * 1e6
+            except Exception as exc:  # a block shape can overflow shared memory or registers
+                print(f"sweep {name} T={tokens} {cfg}: failed: {str(exc).splitlines()[0][:120]}", flush=True)
+                continue
+            pct = 100 * nbytes / (us / 1e6) / bandwidth
+            rows.append(dict(kernel=name, tokens=tokens, config=cfg or "table", us=us, pct_copy=pct,
+                             tflops=flops / us / 1e6))
+            print(f"sweep {name} T={tokens} {cfg or '(table)'}: {us:.1f} us  {pct:.0f}% of copy  "
+                  f"{flops / us / 1e6:.0f} TFLOP/s", flush=True)
+    return rows
+
+
 def sweep_gemv_splits(layers: int) -> list[dict]:
     """moe_gemv at 1 and 8 tokens over BLOCK_I (mlp1 rows), BLOCK_N/BLOCK_K (mlp2 rows, values a step) and mlp2's
     split_k; then the table's GEMV against the grouped kernel at 8-16 tokens (where GEMV_MAX_PAIRS belongs)."""
@@ -361,6 +411,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="distinct weight/cache copies per timed graph")
     parser.add_argument("--sweep", action="store_true", help="also time the MoE kernels under other block sizes")
     parser.add_argument("--sweep-gemv", action="store_true", help="also time moe_gemv over its blocks and split-K")
+    parser.add_argument("--sweep-small", action="store_true", help="also time the grouped MoE at 8-2048 tokens: dot_scaled, swapped, FAST_FP4")
     parser.add_argument("--sweep-linear", action="store_true", help="also time the one-token linear GEMV vs cuBLAS")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
@@ -373,6 +424,8 @@ def main() -> None:
     sweep_rows = sweep(args.layers) if args.sweep else []
     if args.sweep_gemv:
         sweep_rows += sweep_gemv_splits(args.layers)
+    if args.sweep_small:
+        sweep_rows += sweep_small(args.layers)
     if args.sweep_linear:
         sweep_rows += sweep_linear(args.layers)
     if args.model:

@@ -211,7 +211,7 @@ class FastTransformer:
         c, p = self.config, f"block.{layer}.mlp."
         # At decode the norm also writes the MoE GEMV's input layout, saving the GEMV a launch.
         x_gemv = None
-        if uses_gemv(x.shape[0], c.experts_per_token):
+        if uses_gemv(x.shape[0], c.experts_per_token, x.device):
             x_gemv = torch.empty(x.shape[0], 8, x.shape[1] // 8, dtype=torch.float32, device=x.device)
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, gemv_out=x_gemv)
         ids, weights = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,

@@ -2,12 +2,35 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kubrick.engine.kernels import reference
+from kubrick.engine.kernels._common import mxfp4_scale_bf16, mxfp4_to_bf16
 from kubrick.engine.kernels.moe_gemv import gemv_layout, moe_gemv
 from kubrick.engine.kernels.moe_grouped import group_by_expert, moe_grouped
 
 from .helpers import random_moe, rel_error
+
+
+@triton.jit
+def _decode_bytes_kernel(packed_ptr, scale_ptr, low_ptr, high_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    low, high = mxfp4_to_bf16(tl.load(packed_ptr + offs), mxfp4_scale_bf16(tl.load(scale_ptr + offs)))
+    tl.store(low_ptr + offs, low)
+    tl.store(high_ptr + offs, high)
+
+
+@pytest.mark.gpu  # inline PTX: the CPU interpreter cannot run it
+def test_fast_fp4_decode_is_exact_for_every_byte_and_scale():
+    # Every byte against every scale from 2**-63 to 2**64: bf16 2**-63 times the reference value, exactly.
+    scales = torch.arange(64, 192, dtype=torch.uint8).repeat_interleave(256)
+    packed = torch.arange(256, dtype=torch.uint8).repeat(128)
+    low, high = (torch.empty(packed.numel(), dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    _decode_bytes_kernel[(packed.numel() // 1024,)](packed.cuda(), scales.cuda(), low, high, BLOCK=1024)
+    expected = reference.dequant_mxfp4(packed.view(-1, 1, 16), scales.view(-1, 16)[:, :1].contiguous()).view(-1, 2)
+    torch.testing.assert_close(low.cpu().float(), expected[:, 0] * 2.0**-63, rtol=0, atol=0)
+    torch.testing.assert_close(high.cpu().float(), expected[:, 1] * 2.0**-63, rtol=0, atol=0)
 
 
 def test_reference_dequant_matches_the_format():
@@ -90,11 +113,27 @@ def test_moe_grouped_matches_reference(device, dtype, bound):
     assert rel_error(out, expected) < bound
 
 
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_moe_grouped_swapped_matches_reference(device, dtype, bound, block_n):
+    # W @ x^T tiles (SWAP_AB); inter 96 over BLOCK_N 64 leaves a half-masked block of rows in mlp1 and mlp2.
+    x, ids, weights, w = random_moe(tokens=20, hidden=96, inter=96, experts=4, topk=2, dtype=dtype, device=device)
+    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, SWAP_AB=True, BLOCK_N=block_n))
+    assert out.dtype == dtype
+    assert rel_error(out, reference.moe(x, ids, weights, *w)) < bound
+
+
 @pytest.mark.gpu  # the CPU interpreter of Triton 3.6 has no dot_scaled
 @pytest.mark.parametrize("tokens,block_m", [(20, 16), (300, 128)])
-def test_moe_grouped_on_dot_scaled_matches_reference(device, tokens, block_m):
+def test_moe_grouped_on_dot_scaled_and_fast_fp4_match_reference(device, tokens, block_m):
     # bf16 activations, MXFP4 weights as stored; dot_scaled's bf16 operands land where the tl.dot path does.
     x, ids, weights, w = random_moe(tokens=tokens, hidden=256, inter=192, experts=8, topk=4, dtype=torch.bfloat16,
                                     device=device)
+    expected = reference.moe(x, ids, weights, *w)
     out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=True, BLOCK_M=block_m))
-    assert rel_error(out, reference.moe(x, ids, weights, *w)) < 1e-2
+    assert rel_error(out, expected) < 1e-2
+    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, FAST_FP4=True, BLOCK_M=block_m))
+    assert rel_error(out, expected) < 1e-2  # the inline-PTX decode (FAST_FP4) on the tl.dot path
+    if block_m == 16:  # the swapped tiles on dot_scaled: MXFP4 as the left operand
+        out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=True, SWAP_AB=True, BLOCK_M=16, BLOCK_N=64))
+        assert rel_error(out, expected) < 1e-2

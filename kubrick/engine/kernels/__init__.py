@@ -27,15 +27,14 @@ if not torch.cuda.is_available():
     # when a kernel is decorated, and every kernel module imports this package first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Above this many (token, expert) pairs the grouped kernel wins: experts get shared by several tokens, so
-# reading each expert once and feeding tensor cores beats one GEMV per pair.
-# H100, one layer: GEMV 199 / 283 / 368 us vs grouped 340 / 389 / 434 us at 8 / 12 / 16 tokens.
-GEMV_MAX_PAIRS = 64
+def uses_gemv(tokens: int, topk: int, device: torch.device) -> bool:
+    """Whether moe() takes the GEMV path for this many tokens (then x may come in its layout, see moe_gemv).
 
+    Above the block table's MAX_PAIRS (token, expert) pairs the grouped kernel wins: experts get shared by
+    several tokens, so reading each expert once and feeding tensor cores beats one GEMV per pair."""
+    from kubrick.engine.kernels._common import block_config
 
-def uses_gemv(tokens: int, topk: int) -> bool:
-    """Whether moe() takes the GEMV path for this many tokens (then x may come in its layout, see moe_gemv)."""
-    return tokens * topk <= GEMV_MAX_PAIRS
+    return tokens * topk <= block_config("moe_gemv", device)["MAX_PAIRS"]
 
 
 def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, *weights,
@@ -48,7 +47,7 @@ def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
     from kubrick.engine.kernels.moe_gemv import moe_gemv
     from kubrick.engine.kernels.moe_grouped import moe_grouped
 
-    if uses_gemv(*expert_ids.shape):
+    if uses_gemv(*expert_ids.shape, x.device):
         return moe_gemv(x, expert_ids, expert_weights, *weights, x_gemv=x_gemv, residual=residual, **kwargs)
     y = moe_grouped(x, expert_ids, expert_weights, *weights, **kwargs)
     return y if residual is None else residual + y

@@ -20,15 +20,17 @@ def interpreting() -> bool:
 # parts) have ~100 KB, so the tl.dot kernels use fewer pipeline stages there. The GEMV kernels only stream
 # weights through registers and use the same shapes everywhere. "interp" is for TRITON_INTERPRET=1 (CPU):
 # small tiles keep the interpreter fast.
-#   moe_gemv: BLOCK_I (mlp1 output pairs per program), BLOCK_N (mlp2 rows), BLOCK_K (values per step), warps
+#   moe_gemv: BLOCK_I (mlp1 output pairs per program), BLOCK_N (mlp2 rows), BLOCK_K (values per step), warps;
+#             MAX_PAIRS: moe() takes the GEMV up to this many (token, expert) pairs, the grouped kernel above
 #   moe_grouped: BLOCK_M (token rows per expert tile), BLOCK_N, BLOCK_K, warps, stages (prefill), DOT_SCALED
-#                (tl.dot_scaled on the packed weights instead of our dequantise + tl.dot; see moe_grouped.py);
+#                (tl.dot_scaled on the packed weights instead of our dequantise + tl.dot; see moe_grouped.py),
+#                FAST_FP4 (our dequantise in inline PTX, see mxfp4_to_bf16 below);
 #   moe_grouped_small: the same for at most SMALL_PAIRS (token, expert) pairs, where tiles are mostly empty
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
 #   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps (kernels/linear.py, one token)
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     "interp": {
-        "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4),
+        "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, MAX_PAIRS=64),
         "moe_grouped": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1),
         "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1),
         "attn_prefill": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
@@ -37,7 +39,8 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     },
     "big_smem": {  # sm80 (A100), sm90 (H100/H200), sm100 (B200); MoE entries: best of the H100 sweeps
         # (moe_gemv: `bench_kernels.py --sweep-gemv`, 38.1 us a layer at 1 token, BLOCK_K 1024 spills)
-        "moe_gemv": dict(BLOCK_I=4, BLOCK_N=16, BLOCK_K=512, num_warps=4),
+        # MAX_PAIRS: GEMV 199 / 283 / 368 us a layer vs grouped 340 / 389 / 434 us at 8 / 12 / 16 tokens
+        "moe_gemv": dict(BLOCK_I=4, BLOCK_N=16, BLOCK_K=512, num_warps=4, MAX_PAIRS=64),
         "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
         "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
         "attn_prefill": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
@@ -47,7 +50,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on tl.dot_scaled (filled in below)
     "small_smem": {  # sm86/sm89 (RTX 30/40, L4, L40), sm120 (RTX 50, RTX PRO 6000)
-        "moe_gemv": dict(BLOCK_I=8, BLOCK_N=16, BLOCK_K=512, num_warps=4),
+        "moe_gemv": dict(BLOCK_I=8, BLOCK_N=16, BLOCK_K=512, num_warps=4, MAX_PAIRS=64),
         "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
         "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2),
         "attn_prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -61,9 +64,15 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # Triton's MXFP4 dot as stored) than on our own dequantise-then-tl.dot: per layer 335 vs 425 us at 8 tokens,
 # 462 vs 686 at 64, 2094 vs 3788 at 2048 (BENCHMARKS.md, `bench_kernels.py --sweep`). Only measured there, so
 # only used there: other GPUs keep the tested tl.dot path, which the CPU interpreter (no dot_scaled) also runs.
+# Up to SMALL_PAIRS pairs our inline-PTX decode (FAST_FP4) on tl.dot beats dot_scaled, whose MXFP4 upcast takes
+# ~9 instructions a code in the loop against ~4.4 (`bench_kernels.py --sweep-small`, per layer): 287 / 295 /
+# 297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens. The GEMV keeps 8 tokens (195 us
+# against 235), so the grouped kernel takes over above 32 pairs. Prefill ties (2047 vs 2026 us at 2048
+# tokens) and keeps dot_scaled.
 _TABLE["sm90"] = _TABLE["big_smem"] | {
+    "moe_gemv": _TABLE["big_smem"]["moe_gemv"] | dict(MAX_PAIRS=32),
     "moe_grouped": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, DOT_SCALED=True),
-    "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, DOT_SCALED=True),
+    "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True),
 }
 
 
@@ -121,3 +130,51 @@ def e2m1_over_16384(nibble):
 def e8m0_times_16384(scale):
     """Decode E8M0 scales (int32 0..255) to 2**(s-127) * 2**14 in float32, the partner of e2m1_over_16384."""
     return (scale << 23).to(tl.float32, bitcast=True) * 16384.0
+
+
+# FAST_FP4 (block table entry, compiled GPUs only): decode MXFP4 with a few integer instructions per code in
+# inline PTX (mxfp4_to_bf16) instead of Triton's float conversions. Its weights come out 2**-63 times too small,
+# so that every E8M0 scale up to 2**64 fits a bf16 multiplier; the activations are multiplied by 2**63 instead.
+X_SHIFT = tl.constexpr(2.0**63)
+
+
+@triton.jit
+def mxfp4_scale_bf16(scale):
+    """E8M0 scales (uint8 s) -> bf16 2**(s - 127 - 63) * 2**126, the multiplier mxfp4_to_bf16 takes (s <= 191)."""
+    bits = (tl.minimum(scale.to(tl.int32), 191) + 63) << 7
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+def _two_bytes_ptx(selector: str, first: str, second: str, scale: str) -> str:
+    """PTX for two of the 4 bytes: t = [0, b1, 0, b0] (prmt), then per nibble the magnitude bits to bf16 bits 6..8
+    and the sign to bit 15 of each half, and one bf16x2 fma with the multipliers (z = -0.0 pair as addend)."""
+    code = f"prmt.b32 t, $4, zero, {selector};\n"
+    for out, mag_shift, sign_shift in ((first, 6, 12), (second, 2, 8)):  # low nibbles, then high ones
+        code += (f"shl.b32 m, t, {mag_shift};\nshl.b32 s, t, {sign_shift};\nand.b32 s, s, 0x80008000;\n"
+                 f"lop3.b32 m, m, 0x01C001C0, s, 0xEA;\nfma.rn.bf16x2 {out}, m, {scale}, z;\n")
+    return code
+
+
+# Operands (Triton packs 4 elements a call): $0 $1 first codes of bytes 0-1 and 2-3, $2 $3 second codes,
+# $4 the 4 bytes, $5 $6 their multipliers.
+_MXFP4_PTX = ("{\n.reg .b32 t, m, s, z, zero;\nmov.b32 z, 0x80008000;\nmov.b32 zero, 0;\n"
+              + _two_bytes_ptx("0x4140", "$0", "$2", "$5") + _two_bytes_ptx("0x4342", "$1", "$3", "$6") + "}")
+
+
+@triton.jit
+def mxfp4_to_bf16(packed, scale):
+    """Bytes of two E2M1 codes (uint8, first code in the low nibble) and each byte's multiplier (bf16, from
+    mxfp4_scale_bf16) -> (first codes, second codes) in bf16, each 2**-63 times its true value.
+
+    The 3 magnitude bits of a code go to bf16 bits 6..8 and its sign to bit 15: an exact bf16 subnormal of
+    value e2m1 * 2**-126 (as e2m1_over_16384 does with fp16); one bf16x2 fma with the multiplier then scales
+    two codes at once. 22 instructions for 8 codes, no lookup table.
+    """
+    return tl.inline_asm_elementwise(
+        asm=_MXFP4_PTX,
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[packed, scale],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )

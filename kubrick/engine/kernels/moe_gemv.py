@@ -226,7 +226,7 @@ def moe_gemv(
     for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_ids, expert_weights):
         assert t.is_contiguous()
     assert x.stride(-1) == 1 and hidden % 32 == 0 and inter % 32 == 0
-    cfg = block_config("moe_gemv", x.device) | (config or {})
+    cfg = block_config("moe_gemv", x.device) | (config or {})  # (MAX_PAIRS is moe()'s, not ours)
     if x_gemv is None:
         x_gemv = gemv_layout(x)
     # Four packed bytes are read as one int32 word.
