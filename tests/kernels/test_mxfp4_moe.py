@@ -113,16 +113,6 @@ def test_moe_grouped_matches_reference(device, dtype, bound):
     assert rel_error(out, expected) < bound
 
 
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("block_n", [32, 64])
-def test_moe_grouped_swapped_matches_reference(device, dtype, bound, block_n):
-    # W @ x^T tiles (SWAP_AB); inter 96 over BLOCK_N 64 leaves a half-masked block of rows in mlp1 and mlp2.
-    x, ids, weights, w = random_moe(tokens=20, hidden=96, inter=96, experts=4, topk=2, dtype=dtype, device=device)
-    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, SWAP_AB=True, BLOCK_N=block_n))
-    assert out.dtype == dtype
-    assert rel_error(out, reference.moe(x, ids, weights, *w)) < bound
-
-
 @pytest.mark.gpu  # the CPU interpreter of Triton 3.6 has no dot_scaled
 @pytest.mark.parametrize("tokens,block_m", [(20, 16), (300, 128)])
 def test_moe_grouped_on_dot_scaled_and_fast_fp4_match_reference(device, tokens, block_m):
@@ -134,6 +124,3 @@ def test_moe_grouped_on_dot_scaled_and_fast_fp4_match_reference(device, tokens, 
     assert rel_error(out, expected) < 1e-2
     out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, FAST_FP4=True, BLOCK_M=block_m))
     assert rel_error(out, expected) < 1e-2  # the inline-PTX decode (FAST_FP4) on the tl.dot path
-    if block_m == 16:  # the swapped tiles on dot_scaled: MXFP4 as the left operand
-        out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=True, SWAP_AB=True, BLOCK_M=16, BLOCK_N=64))
-        assert rel_error(out, expected) < 1e-2

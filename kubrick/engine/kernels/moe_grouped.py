@@ -231,113 +231,6 @@ def _mlp2_combine_grouped_kernel(
                   mask=valid_m[:, None] & mask_n[None, :], sem="relaxed")
 
 
-# SWAP_AB (block table entry; for few pairs per expert): compute W @ x^T instead of x @ W^T, so the expert's weight
-# rows fill the dot's M side (64-128, what Hopper's wgmma wants) and the tile's few pairs its N side (16). The
-# dequantised weights are then the left operand, which tensor cores take straight from registers; in x @ W^T they
-# are the right operand and go through shared memory first. mlp1 reads its gate and linear rows (2i, 2i+1) as one
-# interleaved block of 2*BLOCK_N rows and splits the accumulator afterwards: one dot per K step instead of two.
-
-
-@triton.jit
-def _dequant_rows(w_blocks, w_scales, rows, row_mask, b, K_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Weights of `rows` at byte columns b as a left operand: (low nibbles, high nibbles), each [len(rows), len(b)]."""
-    mask = row_mask[:, None] & (b[None, :] < K_BYTES)
-    packed = tl.load(w_blocks + rows[:, None] * K_BYTES + b[None, :], mask=mask, other=0).to(tl.int32)
-    scale = tl.load(w_scales + rows[:, None] * (K_BYTES // 16) + b[None, :] // 16, mask=mask, other=0).to(tl.int32)
-    scale = e8m0_times_16384(scale)
-    low = (e2m1_over_16384(packed & 15) * scale).to(DOT_DTYPE)
-    high = (e2m1_over_16384(packed >> 4) * scale).to(DOT_DTYPE)
-    return low, high
-
-
-@triton.jit
-def _swapped_step(x_ptr, x_rows, stride_x, valid_m, w_blocks, w_scales, w_rows, w_mask, b0,
-                  K_BYTES: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  DOT_SCALED: tl.constexpr, acc):
-    """acc [len(w_rows), len(x_rows)] + W[w_rows] @ x[x_rows]^T over the BLOCK_K positions from 2*b0."""
-    b = b0 + tl.arange(0, BLOCK_K // 2)
-    if DOT_SCALED:  # packed bytes [rows, K/2] and scales [rows, K/32] as stored, x^T [K, pairs] in K order
-        k = 2 * b0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + x_rows[None, :] * stride_x + k[:, None],
-                     mask=valid_m[None, :] & (k[:, None] < 2 * K_BYTES), other=0.0).to(tl.bfloat16)
-        mask = w_mask[:, None] & (b[None, :] < K_BYTES)
-        packed = tl.load(w_blocks + w_rows[:, None] * K_BYTES + b[None, :], mask=mask, other=0)
-        groups = b0 // 16 + tl.arange(0, BLOCK_K // 32)
-        scales = tl.load(w_scales + w_rows[:, None] * (K_BYTES // 16) + groups[None, :],
-                         mask=w_mask[:, None] & (groups[None, :] < K_BYTES // 16), other=0)
-        return tl.dot_scaled(packed, scales, tl.constexpr("e2m1"), xt, None, tl.constexpr("bf16"), acc)
-    else:  # even K positions against the low nibbles, odd against the high ones
-        mask = (b[:, None] < K_BYTES) & valid_m[None, :]
-        at = x_ptr + x_rows[None, :] * stride_x + 2 * b[:, None]
-        x_even = tl.load(at, mask=mask, other=0.0).to(DOT_DTYPE)
-        x_odd = tl.load(at + 1, mask=mask, other=0.0).to(DOT_DTYPE)
-        low, high = _dequant_rows(w_blocks, w_scales, w_rows, w_mask, b, K_BYTES, DOT_DTYPE)
-        acc = tl.dot(low, x_even, acc, input_precision=DOT_PRECISION)
-        return tl.dot(high, x_odd, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _mlp1_swiglu_swapped_kernel(
-    x_ptr, stride_x, pair_ids_ptr, tile_expert_ptr, w_blocks, w_scales, bias_ptr, h_ptr,
-    INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_SCALED: tl.constexpr,
-):
-    """mlp1 + swiglu for one tile of pairs and BLOCK_N output pairs, as W @ x^T (see SWAP_AB above)."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    if expert < 0:
-        return
-    pairs = tl.load(pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid_m = pairs >= 0
-    tokens = tl.where(valid_m, pairs // TOPK, 0)
-    rows = expert * (2 * INTER) + tl.program_id(1) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)  # gate, lin, gate …
-    row_mask = rows < (expert + 1) * (2 * INTER)
-    K_BYTES: tl.constexpr = HIDDEN // 2
-    acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for b0 in range(0, K_BYTES, BLOCK_K // 2):
-        acc = _swapped_step(x_ptr, tokens, stride_x, valid_m, w_blocks, w_scales, rows, row_mask, b0, K_BYTES,
-                            BLOCK_K, DOT_DTYPE, DOT_PRECISION, DOT_SCALED, acc)
-    acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    gate, lin = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))  # each [BLOCK_N, BLOCK_M]
-    gate = tl.minimum(gate, limit)
-    lin = tl.minimum(tl.maximum(lin, -limit), limit)
-    out = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(h_ptr + pairs[None, :] * INTER + offs_n[:, None], out.to(h_ptr.dtype.element_ty),
-             mask=(offs_n[:, None] < INTER) & valid_m[None, :])
-
-
-@triton.jit
-def _mlp2_combine_swapped_kernel(
-    h_ptr, pair_ids_ptr, tile_expert_ptr, route_w_ptr, w_blocks, w_scales, bias_ptr, out_ptr, stride_out,
-    HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_SCALED: tl.constexpr,
-):
-    """mlp2 + bias + router weight for one tile of pairs and BLOCK_N rows, as W @ h^T; atomics into out."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-    if expert < 0:
-        return
-    pairs = tl.load(pair_ids_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    valid_m = pairs >= 0
-    safe_pairs = tl.where(valid_m, pairs, 0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < HIDDEN
-    rows = expert * HIDDEN + offs_n
-    K_BYTES: tl.constexpr = INTER // 2
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for b0 in range(0, K_BYTES, BLOCK_K // 2):
-        acc = _swapped_step(h_ptr, safe_pairs, INTER, valid_m, w_blocks, w_scales, rows, mask_n, b0, K_BYTES,
-                            BLOCK_K, DOT_DTYPE, DOT_PRECISION, DOT_SCALED, acc)
-    y = acc + tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    y = y * tl.load(route_w_ptr + safe_pairs, mask=valid_m, other=0.0).to(tl.float32)[None, :]
-    tokens = safe_pairs // TOPK
-    tl.atomic_add(out_ptr + tokens[None, :] * stride_out + offs_n[:, None], y,
-                  mask=mask_n[:, None] & valid_m[None, :], sem="relaxed")
-
-
 def moe_grouped(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -379,17 +272,12 @@ def moe_grouped(
                   DOT_SCALED=cfg.get("DOT_SCALED", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # FAST_FP4's inline PTX needs compiled bf16 dots (not the interpreter, not fp16 or fp32 activations).
     common["FAST_FP4"] = cfg.get("FAST_FP4", False) and dot_dtype == tl.bfloat16 and not common["DOT_SCALED"]
-    swapped = cfg.get("SWAP_AB", False)
-    if swapped:
-        common.pop("FAST_FP4")
-    mlp1 = _mlp1_swiglu_swapped_kernel if swapped else _mlp1_swiglu_grouped_kernel
-    mlp2 = _mlp2_combine_swapped_kernel if swapped else _mlp2_combine_grouped_kernel
-    mlp1[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
+    _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit, **common,
     )
     out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
-    mlp2[(tiles, triton.cdiv(hidden, cfg["BLOCK_N"]))](
+    _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, cfg["BLOCK_N"]))](
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=topk, **common,
     )
