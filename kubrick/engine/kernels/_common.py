@@ -157,7 +157,7 @@ def _two_bytes_ptx(selector: str, first: str, second: str, scale: str) -> str:
 
 # Operands (Triton packs 4 elements a call): $0 $1 first codes of bytes 0-1 and 2-3, $2 $3 second codes,
 # $4 the 4 bytes, $5 $6 their multipliers.
-_MXFP4_PTX = ("{\n.reg .b32 t, m, s, z, zero;\nmov.b32 z, 0x80008000;\nmov.b32 zero, 0;\n"
+_MXFP4_PTX = tl.constexpr("{\n.reg .b32 t, m, s, z, zero;\nmov.b32 z, 0x80008000;\nmov.b32 zero, 0;\n"
               + _two_bytes_ptx("0x4140", "$0", "$2", "$5") + _two_bytes_ptx("0x4342", "$1", "$3", "$6") + "}")
 
 
