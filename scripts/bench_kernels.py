@@ -221,6 +221,14 @@ SMALL_SWEEP = [  # few pairs per expert: Triton's dot_scaled against our inline-
         (32, 128, 128, 4, 3, True),
     )
 ]
+MID_SWEEP = [  # a prompt chunk beside a decode batch (~512 tokens: 64 pairs an expert)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, DOT_SCALED=not fast, FAST_FP4=fast)
+    for m, n, k, w, st, fast in (
+        (32, 128, 128, 4, 3, True), (64, 128, 128, 4, 3, True), (64, 128, 64, 4, 3, True), (32, 64, 128, 4, 3, True),
+        (64, 64, 128, 4, 3, True), (64, 128, 128, 8, 3, True), (16, 128, 128, 4, 3, True),
+        (64, 128, 128, 4, 3, False), (64, 64, 128, 4, 3, False), (32, 128, 128, 4, 3, False),
+    )
+]
 PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_FP4 on plain tl.dot
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True)
     for m, n, k, w, st in ((64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4),
@@ -229,7 +237,7 @@ PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_F
 
 
 def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
-    """The grouped MoE over SMALL_SWEEP (up to 128 tokens) or PREFILL_FAST, beside the table's choice and,
+    """The grouped MoE over SMALL_SWEEP (up to 128 tokens), MID_SWEEP (up to 1024) or PREFILL_FAST, beside the table's choice and,
     for few tokens, the GEMV's."""
     rows = []
     bandwidth = copy_bandwidth()
@@ -239,7 +247,7 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
         routes = [routing(tokens, seed) for seed in range(layers)]
         nbytes = sum(int(ids.unique().numel()) for ids, _ in routes) / layers * mxfp4_expert_bytes()
         flops = 2 * tokens * TOPK * (HIDDEN * 2 * INTER + INTER * HIDDEN)
-        configs = SMALL_SWEEP if tokens <= 128 else PREFILL_FAST
+        configs = SMALL_SWEEP if tokens <= 128 else MID_SWEEP if tokens <= 1024 else PREFILL_FAST
         runs = [("moe_grouped", moe_grouped, cfg) for cfg in [None] + configs]
         if tokens * TOPK <= 64:
             runs.insert(0, ("moe_gemv", moe_gemv, None))

@@ -43,6 +43,7 @@ from kubrick.engine.api import (
     SamplingParams,
     Usage,
 )
+from kubrick.engine.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Scheduler:
         self._prepared: dict[int, tuple] = {}  # waiting requests already checked: id -> (prompt, params, positions)
         self._pending: list[tuple[_Active, int]] = []  # sampled tokens whose text is still to be streamed
         self._inflight: _Inflight | None = None  # a queued greedy step whose picks are not read back yet
+        self._trace = StepTrace.from_env()  # KUBRICK_STEP_TRACE: a record of every step (step_trace.py)
         self._lock = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
@@ -144,6 +146,8 @@ class Scheduler:
         for handle in dropped:
             self._finish(handle, EngineError(SHUTTING_DOWN))
         self._thread.join(timeout)
+        if self._trace is not None:
+            self._trace.flush()
 
     # -- continuous batching ---------------------------------------------------------------------------------
 
@@ -265,11 +269,13 @@ class Scheduler:
         if not plan:
             self._flush_pending()
             return
+        started, prefill = time.perf_counter(), sum(len(t) for a, t in plan if a.prefill_left)
         try:
             logits = self.engine.forward_batch([(a.seq, tokens) for a, tokens in plan])
         except Exception as err:
             self._fail_step([a for a, _ in plan], err)
             return
+        self._traced("launch", started, kind="mixed" if prefill else "decode", rows=len(plan), prefill=prefill)
         finished = [a for a, _ in plan if a.prefill_left == 0]  # logits rows exist only for these
         # The last step's text is parsed and streamed now, while the GPU runs this step (a stop string found
         # there ends its request; this step's row for it is then dropped).
@@ -281,7 +287,9 @@ class Scheduler:
             self._inflight = _Inflight(finished, _Picks(logits[:, : finished[0].vocab].argmax(-1)))
             return
         # Greedy rows: one argmax over the batch and one transfer, not a device round trip per row.
+        started = time.perf_counter()
         picks = logits[:, : finished[0].vocab].argmax(-1).tolist() if any(greedy) else [None] * len(finished)
+        self._traced("wait", started)
         self._take_picks(finished, [pick if is_greedy else None for pick, is_greedy in zip(picks, greedy)], logits)
 
     def _chain(self) -> bool:
@@ -302,6 +310,7 @@ class Scheduler:
             return False
         actives = inflight.actives
         marks = [len(a.seq.tokens) for a in actives]  # where each placeholder lands in its sequence's tokens
+        started = time.perf_counter()
         try:
             logits = self.engine.forward_batch([(a.seq, [0]) for a in actives], device_tokens=inflight.picks.device)
         except Exception as err:
@@ -309,8 +318,11 @@ class Scheduler:
             self._fail_step(actives, err)
             return True
         self._inflight = _Inflight(actives, _Picks(logits[:, : actives[0].vocab].argmax(-1)))
+        self._traced("launch", started, kind="chained", rows=len(actives), prefill=0)
         self._flush_pending()  # the last step's text, while the GPU works
+        started = time.perf_counter()
         tokens = inflight.picks.tolist()  # waits for the previous step only; the GPU goes on with this one
+        self._traced("wait", started)
         for a, mark, token in zip(actives, marks, tokens):
             a.seq.tokens[mark] = token
         self._take_picks(actives, tokens)
@@ -319,7 +331,9 @@ class Scheduler:
     def _resolve_inflight(self) -> None:
         """Read the in-flight step's picks back and hand them to their requests (no step queued behind)."""
         inflight, self._inflight = self._inflight, None
+        started = time.perf_counter()
         tokens = inflight.picks.tolist()
+        self._traced("wait", started)
         self._flush_pending()
         self._take_picks(inflight.actives, tokens)
 
@@ -380,6 +394,7 @@ class Scheduler:
 
     def _flush_pending(self) -> None:
         pending, self._pending = self._pending, []
+        started = time.perf_counter()
         for a, token in pending:
             if a.ended:
                 continue
@@ -387,6 +402,12 @@ class Scheduler:
                 self._stream_text(a, token)
             except Exception as err:  # parsing broke on this request; keep serving the others
                 self._request_failed(a, err)
+        if pending:
+            self._traced("deliver", started, n=len(pending))
+
+    def _traced(self, ev: str, started: float, **fields) -> None:
+        if self._trace is not None:
+            self._trace.add(ev, started, **fields)
 
     def _end(self, a: _Active, reason: str = "", error: EngineError | None = None) -> None:
         """A request leaves the batch: its blocks go back at once, then its last events."""

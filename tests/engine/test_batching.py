@@ -6,8 +6,12 @@ other streams."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +20,9 @@ from kubrick.engine.paged_cache import PagedKVCache
 from kubrick.engine.scheduler import Scheduler
 
 BLOCK = 16
+
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_engine(checkpoint, **settings):
@@ -275,6 +282,34 @@ def test_a_long_prompt_is_read_in_chunks_while_other_streams_keep_producing(engi
     # 600 prompt tokens at most 32 a step (one of them the running stream's) take 20 steps or more: the
     # running stream got a token in each.
     assert seen["at_first_token"] - seen["at_submit"] >= 15
+
+
+def test_the_step_trace_records_the_steps_a_long_prompt_shares_with_a_stream(engine, tmp_path, monkeypatch):
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("KUBRICK_STEP_TRACE", str(trace))
+    engine.paged.drop_cached()
+    scheduler = Scheduler(engine)
+    try:
+        streaming, long_reply = Reply(), Reply()
+        stream = scheduler.submit(ask("Tell me about rivers."), SamplingParams(temperature=0, max_tokens=200), streaming)
+        assert streaming.first.wait(60)
+        scheduler.submit(ask("word " * 200), SamplingParams(temperature=0, max_tokens=2), long_reply)
+        assert long_reply.done.wait(120)
+        stream.cancel()
+        assert streaming.done.wait(60)
+    finally:
+        scheduler.stop()
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    launches = [e for e in events if e["ev"] == "launch"]
+    shared = [e for e in launches if e["kind"] == "mixed" and e["rows"] == 2]
+    # 200+ prompt tokens in chunks of at most 31 (32 a step, one for the stream): several shared steps.
+    assert len(shared) >= 6 and all(0 < e["prefill"] <= 31 for e in shared)
+    assert {"decode", "chained"} <= {e["kind"] for e in launches}
+    streamed = sum(e["n"] for e in events if e["ev"] == "deliver")
+    assert streamed >= stream.generated_tokens - 2  # every sampled token's text, but the last step's or two
+    summary = subprocess.run([sys.executable, "scripts/step_trace.py", str(trace), "--worst", "1000"],
+                             capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert "gaps between deliveries" in summary and "mixed(2 rows" in summary
 
 
 def _budget(checkpoint, full_blocks: int, max_batch: int, step_tokens: int) -> str:

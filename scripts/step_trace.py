@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Summarise a scheduler step trace (KUBRICK_STEP_TRACE, see kubrick/engine/step_trace.py).
+
+Every stream that is decoding gets its next text at each "deliver" event, so the time between two deliveries
+is the inter-token gap those streams see. This prints those gaps (p50/p99/max), the host time of each kind of
+step launch and of the waits for picks, and, for the longest gaps, the events inside them.
+
+    python scripts/step_trace.py TRACE.jsonl [--worst 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    return (f"n {len(values):6d}  p50 {percentile(values, 50):7.2f}  p99 {percentile(values, 99):7.2f}  "
+            f"max {max(values, default=float('nan')):7.2f}  mean {sum(values) / max(len(values), 1):7.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace", type=Path)
+    parser.add_argument("--worst", type=int, default=8, help="how many of the longest gaps to take apart")
+    args = parser.parse_args()
+    try:
+        events = sorted((json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()),
+                        key=lambda e: e["t"])
+    except (OSError, ValueError) as err:
+        sys.exit(f"step_trace: cannot read {args.trace}: {err}")
+    launches = defaultdict(list)
+    for e in events:
+        if e["ev"] == "launch":
+            launches[e["kind"]].append(e["ms"])
+    print("host time, ms:")
+    for kind, times in sorted(launches.items()):
+        print(f"  launch {kind:8s} {spread(times)}")
+    print(f"  wait for picks  {spread([e['ms'] for e in events if e['ev'] == 'wait'])}")
+    print(f"  deliver         {spread([e['ms'] for e in events if e['ev'] == 'deliver'])}")
+    delivers = [e for e in events if e["ev"] == "deliver"]
+    gaps = [(b["t"] - a["t"], a, b) for a, b in zip(delivers, delivers[1:])]
+    print(f"gaps between deliveries, ms: {spread([g * 1e3 for g, _, _ in gaps])}")
+    print(f"the {args.worst} longest, with what ran inside them (t in ms from the earlier delivery):")
+    for gap, a, b in sorted(gaps, key=lambda g: -g[0])[: args.worst]:
+        inside = [e for e in events if a["t"] <= e["t"] < b["t"]]
+        parts = []
+        for e in inside:
+            what = e["ev"] if e["ev"] != "launch" else f"{e['kind']}({e['rows']} rows, {e['prefill']} prefill)"
+            parts.append(f"{(e['t'] - a['t']) * 1e3:.1f} {what} {e['ms']:.1f}")
+        print(f"  {gap * 1e3:7.1f} ms: " + "; ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
