@@ -6,7 +6,9 @@ Prints, for one sequence on the Engine the server runs (kernel engine, paged KV 
   - a bare chained loop (launch step t+1 fed step t's picks on the GPU, then read step t's picks back from a
     pinned copy queued behind its argmax): host launch time, wait, and the step period;
   - the real Scheduler on one greedy request, instrumented: the spacing of its steps and the host time of
-    each part of its loop.
+    each part of its loop;
+  - a mixed step (a 448-token prompt chunk joining 64 decoding streams, run eagerly): its wall time and where
+    the host's time goes in it (cProfile, by each function's own time).
 The step period should equal the replay time: then the host's work is hidden behind the GPU's.
 
     python3 scripts/profile_scheduler_step.py --checkpoint /tmp/ck20      # a gpt-oss checkpoint folder
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
+import pstats
 import sys
 import threading
 import time
@@ -117,6 +122,38 @@ def instrumented_scheduler(engine: Engine, max_tokens: int = 400) -> None:
         print(f"  {name:<22} {seconds * 1e3 / len(starts):.3f} ms")
 
 
+def mixed_step(engine: Engine, batch: int = 64, chunk: int = 448, runs: int = 5) -> None:
+    cache = engine.paged
+    seqs = [cache.admit(list(range(1000 + i, 1128 + i)), 256, engine.step_tokens) for i in range(batch)]
+    for seq in seqs:
+        engine.forward_batch([(seq, seq.tokens[:128])])
+    newcomer = list(range(3000, 3000 + chunk))
+
+    def step():
+        seq = cache.admit(newcomer, chunk + 64, engine.step_tokens)
+        engine.forward_batch([(s, [5]) for s in seqs] + [(seq, newcomer)])
+        torch.cuda.synchronize()
+        cache.release(seq)
+
+    step()
+    walls = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - start)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    profiler.disable()
+    for seq in seqs:
+        cache.release(seq)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
+    print(f"mixed step ({batch} decodes + a {chunk}-token chunk, eager): wall p50 {p50(walls):.1f} ms; "
+          "host time by function (one step, under cProfile):")
+    print("\n".join(line for line in out.getvalue().splitlines()[4:] if line.strip()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
@@ -131,6 +168,7 @@ def main() -> int:
           f"(table width {decoder.max_blocks} blocks)")
     bare_chain(engine)
     instrumented_scheduler(engine)
+    mixed_step(engine)
     return 0
 
 
