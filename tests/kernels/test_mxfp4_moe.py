@@ -113,6 +113,17 @@ def test_moe_grouped_matches_reference(device, dtype, bound):
     assert rel_error(out, expected) < bound
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_grouped_adds_the_residual_and_takes_its_own_mlp2_tile(device, dtype):
+    x, ids, weights, w = random_moe(tokens=20, hidden=96, inter=64, experts=4, topk=2, dtype=dtype, device=device)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(device=device, dtype=dtype)
+    kept = residual.clone()
+    config = dict(DOT_SCALED=False, MLP2=dict(BLOCK_N=64, BLOCK_K=32))  # hidden 96 over 64 rows: a masked block
+    out = moe_grouped(x, ids, weights, *w, config=config, residual=residual)
+    assert torch.equal(residual, kept)  # read, never written
+    assert rel_error(out, residual + reference.moe(x, ids, weights, *w)) < (1e-4 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.mark.gpu  # the CPU interpreter of Triton 3.6 has no dot_scaled
 @pytest.mark.parametrize("tokens,block_m", [(20, 16), (300, 128)])
 def test_moe_grouped_on_dot_scaled_and_fast_fp4_match_reference(device, tokens, block_m):

@@ -49,5 +49,4 @@ def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
 
     if uses_gemv(*expert_ids.shape, x.device):
         return moe_gemv(x, expert_ids, expert_weights, *weights, x_gemv=x_gemv, residual=residual, **kwargs)
-    y = moe_grouped(x, expert_ids, expert_weights, *weights, **kwargs)
-    return y if residual is None else residual + y
+    return moe_grouped(x, expert_ids, expert_weights, *weights, residual=residual, **kwargs)

@@ -244,10 +244,13 @@ def moe_grouped(
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
     config: dict | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The MoE block for many tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe).
+    """The MoE block for many tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe); with
+    `residual`, residual + the block, summed in float32.
 
-    `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+    `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and MLP2:
+    a dict of BLOCK_N, BLOCK_K, num_warps, num_stages for the mlp2 kernel alone).
     """
     tokens, hidden = x.shape
     topk = expert_ids.shape[1]
@@ -276,9 +279,14 @@ def moe_grouped(
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit, **common,
     )
-    out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
-    _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, cfg["BLOCK_N"]))](
+    # mlp2 adds its experts' rows into float32 out, which starts as the residual: one rounding, one launch less.
+    if residual is None:
+        out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    else:
+        out = residual.to(torch.float32, copy=True)
+    common2 = common | cfg.get("MLP2", {})  # mlp2's own tile (its K is the intermediate size, its N hidden)
+    _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, common2["BLOCK_N"]))](
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
-        HIDDEN=hidden, INTER=inter, TOPK=topk, **common,
+        HIDDEN=hidden, INTER=inter, TOPK=topk, **common2,
     )
     return out.to(x.dtype)
