@@ -228,6 +228,11 @@ SMALL_MLP2 = [  # the sm90 table's small tile for mlp1, other tiles for mlp2 (K 
                         (128, 128, 4, 4), (256, 128, 8, 3), (128, 64, 4, 3), (512, 64, 4, 3), (256, 32, 4, 3),
                         (256, 64, 4, 4), (256, 64, 4, 2), (512, 32, 8, 3))
 ]
+SMALL_MLP1 = [  # mlp2 on the table's own tile, other tiles for mlp1 (gate and linear rows, K = hidden)
+    dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64))
+    for n, k, w, st in ((128, 64, 4, 3), (64, 256, 4, 3), (128, 256, 4, 3), (256, 64, 4, 3), (64, 128, 4, 3),
+                        (128, 128, 4, 4), (128, 128, 8, 4), (256, 128, 8, 3))
+]
 MID_SWEEP = [  # a prompt chunk beside a decode batch (~512 tokens: 64 pairs an expert)
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, DOT_SCALED=not fast, FAST_FP4=fast)
     for m, n, k, w, st, fast in (
@@ -244,7 +249,7 @@ PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_F
 
 
 def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
-    """The grouped MoE over SMALL_SWEEP and SMALL_MLP2 (up to 128 tokens), MID_SWEEP (up to 1024) or PREFILL_FAST, beside the table's choice and,
+    """The grouped MoE over SMALL_SWEEP, SMALL_MLP2 and SMALL_MLP1 (up to 128 tokens), MID_SWEEP (up to 1024) or PREFILL_FAST, beside the table's choice and,
     for few tokens, the GEMV's."""
     rows = []
     bandwidth = copy_bandwidth()
@@ -254,7 +259,7 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
         routes = [routing(tokens, seed) for seed in range(layers)]
         nbytes = sum(int(ids.unique().numel()) for ids, _ in routes) / layers * mxfp4_expert_bytes()
         flops = 2 * tokens * TOPK * (HIDDEN * 2 * INTER + INTER * HIDDEN)
-        configs = SMALL_SWEEP + SMALL_MLP2 if tokens <= 128 else MID_SWEEP if tokens <= 1024 else PREFILL_FAST
+        configs = SMALL_SWEEP + SMALL_MLP2 + SMALL_MLP1 if tokens <= 128 else MID_SWEEP if tokens <= 1024 else PREFILL_FAST
         runs = [("moe_grouped", moe_grouped, cfg) for cfg in [None] + configs]
         if tokens * TOPK <= 64:
             runs.insert(0, ("moe_gemv", moe_gemv, None))
