@@ -241,6 +241,14 @@ MID_SWEEP = [  # a prompt chunk beside a decode batch (~512 tokens: 64 pairs an 
         (64, 128, 128, 4, 3, False), (64, 64, 128, 4, 3, False), (32, 128, 128, 4, 3, False),
     )
 ]
+ONE_DOT_SWEEP = [  # mlp1's gate and linear rows as one block (ONE_DOT): half the accumulators, one dot a step
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, DOT_SCALED=not fast, FAST_FP4=fast, ONE_DOT=True)
+    for m, n, k, w, st, fast in (
+        (16, 64, 128, 4, 3, True), (16, 128, 128, 4, 3, True), (32, 64, 128, 4, 3, True), (64, 64, 128, 4, 3, True),
+        (64, 64, 64, 4, 3, True), (64, 64, 128, 8, 3, True), (128, 64, 128, 8, 3, True), (64, 128, 64, 8, 3, True),
+        (128, 64, 128, 8, 3, False), (64, 64, 128, 4, 3, False), (128, 128, 64, 8, 3, False),
+    )
+]
 PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_FP4 on plain tl.dot
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True)
     for m, n, k, w, st in ((64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4),
@@ -249,7 +257,7 @@ PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_F
 
 
 def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
-    """The grouped MoE over SMALL_SWEEP, SMALL_MLP2 and SMALL_MLP1 (up to 128 tokens), MID_SWEEP (up to 1024) or PREFILL_FAST, beside the table's choice and,
+    """The grouped MoE over SMALL_SWEEP, SMALL_MLP2 and SMALL_MLP1 (up to 128 tokens), ONE_DOT_SWEEP, MID_SWEEP (up to 1024) or PREFILL_FAST, beside the table's choice and,
     for few tokens, the GEMV's."""
     rows = []
     bandwidth = copy_bandwidth()
@@ -260,6 +268,7 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
         nbytes = sum(int(ids.unique().numel()) for ids, _ in routes) / layers * mxfp4_expert_bytes()
         flops = 2 * tokens * TOPK * (HIDDEN * 2 * INTER + INTER * HIDDEN)
         configs = SMALL_SWEEP + SMALL_MLP2 + SMALL_MLP1 if tokens <= 128 else MID_SWEEP if tokens <= 1024 else PREFILL_FAST
+        configs = configs + [c for c in ONE_DOT_SWEEP if (c["BLOCK_M"] == 16) == (tokens <= 128)]
         runs = [("moe_grouped", moe_grouped, cfg) for cfg in [None] + configs]
         if tokens * TOPK <= 64:
             runs.insert(0, ("moe_gemv", moe_gemv, None))

@@ -113,6 +113,15 @@ def test_moe_grouped_matches_reference(device, dtype, bound):
     assert rel_error(out, expected) < bound
 
 
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_moe_grouped_with_gate_and_linear_rows_in_one_dot(device, dtype, bound, block_n):
+    # ONE_DOT: rows 2i, 2i+1 as one block, the accumulator split after; inter 96 over 64 leaves a masked block.
+    x, ids, weights, w = random_moe(tokens=20, hidden=64, inter=96, experts=4, topk=2, dtype=dtype, device=device)
+    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, ONE_DOT=True, BLOCK_N=block_n))
+    assert rel_error(out, reference.moe(x, ids, weights, *w)) < bound
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_grouped_adds_the_residual_and_takes_its_own_mlp2_tile(device, dtype):
     x, ids, weights, w = random_moe(tokens=20, hidden=96, inter=64, experts=4, topk=2, dtype=dtype, device=device)

@@ -155,11 +155,28 @@ def _dot_mxfp4(x, w_blocks, w_scales, rows, row_mask, b, b0, K_BYTES: tl.constex
 
 
 @triton.jit
+def _expert_matmul(x_ptr, x_rows, stride_x, valid_m, w_blocks, w_scales, w_rows, w_mask, acc,
+                   K_BYTES: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DOT_SCALED: tl.constexpr, FAST_FP4: tl.constexpr):
+    """acc + x[x_rows] @ W[w_rows]^T over the whole K, BLOCK_K values a step, on dot_scaled or our dequantise."""
+    for b0 in range(0, K_BYTES, BLOCK_K // 2):
+        b = b0 + tl.arange(0, BLOCK_K // 2)
+        if DOT_SCALED:
+            x = _x_tile(x_ptr, x_rows, stride_x, valid_m, b0, K_BYTES, BLOCK_K)
+            acc = _dot_mxfp4(x, w_blocks, w_scales, w_rows, w_mask, b, b0, K_BYTES, BLOCK_K, acc)
+        else:
+            x_even, x_odd = _even_odd(x_ptr, x_rows, stride_x, valid_m, b, K_BYTES, DOT_DTYPE, FAST_FP4)
+            acc = _dot_dequant(x_even, x_odd, w_blocks, w_scales, w_rows, w_mask, b, K_BYTES, DOT_DTYPE,
+                               DOT_PRECISION, acc, FAST_FP4, b0)
+    return acc
+
+
+@triton.jit
 def _mlp1_swiglu_grouped_kernel(
     x_ptr, stride_x, pair_ids_ptr, tile_expert_ptr, w_blocks, w_scales, bias_ptr, h_ptr,
     INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_SCALED: tl.constexpr = False, FAST_FP4: tl.constexpr = False,
+    DOT_SCALED: tl.constexpr = False, FAST_FP4: tl.constexpr = False, ONE_DOT: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
@@ -170,25 +187,34 @@ def _mlp1_swiglu_grouped_kernel(
     tokens = tl.where(valid_m, pairs // TOPK, 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < INTER
-    gate_rows = expert * (2 * INTER) + 2 * offs_n
-    lin_rows = gate_rows + 1
     K_BYTES: tl.constexpr = HIDDEN // 2
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b0 in range(0, K_BYTES, BLOCK_K // 2):
-        b = b0 + tl.arange(0, BLOCK_K // 2)
-        if DOT_SCALED:
-            x = _x_tile(x_ptr, tokens, stride_x, valid_m, b0, K_BYTES, BLOCK_K)
-            acc_gate = _dot_mxfp4(x, w_blocks, w_scales, gate_rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc_gate)
-            acc_lin = _dot_mxfp4(x, w_blocks, w_scales, lin_rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc_lin)
-        else:
-            x_even, x_odd = _even_odd(x_ptr, tokens, stride_x, valid_m, b, K_BYTES, DOT_DTYPE, FAST_FP4)
-            acc_gate = _dot_dequant(x_even, x_odd, w_blocks, w_scales, gate_rows, mask_n, b, K_BYTES, DOT_DTYPE,
-                                    DOT_PRECISION, acc_gate, FAST_FP4, b0)
-            acc_lin = _dot_dequant(x_even, x_odd, w_blocks, w_scales, lin_rows, mask_n, b, K_BYTES, DOT_DTYPE,
-                                   DOT_PRECISION, acc_lin, FAST_FP4, b0)
-    gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    lin = acc_lin + tl.load(bias_ptr + lin_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if ONE_DOT:  # gate and linear rows (2i, 2i+1) as one block of 2*BLOCK_N rows: one accumulator, one dot a step
+        rows = expert * (2 * INTER) + tl.program_id(1) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+        row_mask = rows < (expert + 1) * (2 * INTER)
+        acc = _expert_matmul(x_ptr, tokens, stride_x, valid_m, w_blocks, w_scales, rows, row_mask,
+                             tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32), K_BYTES, BLOCK_K, DOT_DTYPE,
+                             DOT_PRECISION, DOT_SCALED, FAST_FP4)
+        acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        gate, lin = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        gate_rows = expert * (2 * INTER) + 2 * offs_n
+        lin_rows = gate_rows + 1
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_lin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for b0 in range(0, K_BYTES, BLOCK_K // 2):
+            b = b0 + tl.arange(0, BLOCK_K // 2)
+            if DOT_SCALED:
+                x = _x_tile(x_ptr, tokens, stride_x, valid_m, b0, K_BYTES, BLOCK_K)
+                acc_gate = _dot_mxfp4(x, w_blocks, w_scales, gate_rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc_gate)
+                acc_lin = _dot_mxfp4(x, w_blocks, w_scales, lin_rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc_lin)
+            else:
+                x_even, x_odd = _even_odd(x_ptr, tokens, stride_x, valid_m, b, K_BYTES, DOT_DTYPE, FAST_FP4)
+                acc_gate = _dot_dequant(x_even, x_odd, w_blocks, w_scales, gate_rows, mask_n, b, K_BYTES, DOT_DTYPE,
+                                        DOT_PRECISION, acc_gate, FAST_FP4, b0)
+                acc_lin = _dot_dequant(x_even, x_odd, w_blocks, w_scales, lin_rows, mask_n, b, K_BYTES, DOT_DTYPE,
+                                       DOT_PRECISION, acc_lin, FAST_FP4, b0)
+        gate = acc_gate + tl.load(bias_ptr + gate_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        lin = acc_lin + tl.load(bias_ptr + lin_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     out = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
@@ -214,16 +240,9 @@ def _mlp2_combine_grouped_kernel(
     mask_n = offs_n < HIDDEN
     rows = expert * HIDDEN + offs_n
     K_BYTES: tl.constexpr = INTER // 2
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b0 in range(0, K_BYTES, BLOCK_K // 2):
-        b = b0 + tl.arange(0, BLOCK_K // 2)
-        if DOT_SCALED:
-            h = _x_tile(h_ptr, safe_pairs, INTER, valid_m, b0, K_BYTES, BLOCK_K)
-            acc = _dot_mxfp4(h, w_blocks, w_scales, rows, mask_n, b, b0, K_BYTES, BLOCK_K, acc)
-        else:
-            h_even, h_odd = _even_odd(h_ptr, safe_pairs, INTER, valid_m, b, K_BYTES, DOT_DTYPE, FAST_FP4)
-            acc = _dot_dequant(h_even, h_odd, w_blocks, w_scales, rows, mask_n, b, K_BYTES, DOT_DTYPE, DOT_PRECISION,
-                               acc, FAST_FP4, b0)
+    acc = _expert_matmul(h_ptr, safe_pairs, INTER, valid_m, w_blocks, w_scales, rows, mask_n,
+                         tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), K_BYTES, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
+                         DOT_SCALED, FAST_FP4)
     y = acc + tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y * tl.load(route_w_ptr + safe_pairs, mask=valid_m, other=0.0).to(tl.float32)[:, None]
     tokens = safe_pairs // TOPK
@@ -277,7 +296,8 @@ def moe_grouped(
     common["FAST_FP4"] = cfg.get("FAST_FP4", False) and dot_dtype == tl.bfloat16 and not common["DOT_SCALED"]
     _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
-        INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit, **common,
+        INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
+        ONE_DOT=cfg.get("ONE_DOT", False), **common,
     )
     # mlp2 adds its experts' rows into float32 out, which starts as the residual: one rounding, one launch less.
     if residual is None:
