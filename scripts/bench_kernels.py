@@ -257,8 +257,8 @@ PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_F
 
 
 def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
-    """The grouped MoE over SMALL_SWEEP, SMALL_MLP2 and SMALL_MLP1 (up to 128 tokens), ONE_DOT_SWEEP, MID_SWEEP (up to 1024) or PREFILL_FAST, beside the table's choice and,
-    for few tokens, the GEMV's."""
+    """The grouped MoE over SMALL_SWEEP, SMALL_MLP2 and SMALL_MLP1 (up to 128 tokens), MID_SWEEP (up to 1024)
+    or PREFILL_FAST, and ONE_DOT_SWEEP, beside the table's choice and, for few tokens, the GEMV's."""
     rows = []
     bandwidth = copy_bandwidth()
     experts = moe_weights(layers)
@@ -289,7 +289,7 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
 
 def sweep_gemv_splits(layers: int) -> list[dict]:
     """moe_gemv at 1 and 8 tokens over BLOCK_I (mlp1 rows), BLOCK_N/BLOCK_K (mlp2 rows, values a step) and mlp2's
-    split_k; then the table's GEMV against the grouped kernel at 8-16 tokens (where GEMV_MAX_PAIRS belongs)."""
+    split_k; then the table's GEMV against the grouped kernel at 8-16 tokens (where the table's MAX_PAIRS belongs)."""
     rows = []
     experts = moe_weights(layers)
     for tokens in (1, 8):

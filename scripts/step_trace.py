@@ -33,10 +33,15 @@ def main() -> None:
     parser.add_argument("--worst", type=int, default=8, help="how many of the longest gaps to take apart")
     args = parser.parse_args()
     try:
-        events = sorted((json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()),
-                        key=lambda e: e["t"])
+        events = [json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as err:
         sys.exit(f"step_trace: cannot read {args.trace}: {err}")
+    if not events:
+        sys.exit(f"step_trace: {args.trace} holds no events (lines are written every 512 events and when the "
+                 "server stops)")
+    if not all(isinstance(e, dict) and {"ev", "t", "ms"} <= e.keys() for e in events):
+        sys.exit(f"step_trace: {args.trace} is not a KUBRICK_STEP_TRACE file (each line needs ev, t and ms)")
+    events.sort(key=lambda e: e["t"])
     launches = defaultdict(list)
     for e in events:
         if e["ev"] == "launch":

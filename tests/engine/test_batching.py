@@ -312,6 +312,32 @@ def test_the_step_trace_records_the_steps_a_long_prompt_shares_with_a_stream(eng
     assert "gaps between deliveries" in summary and "mixed(2 rows" in summary
 
 
+def test_a_step_trace_that_cannot_be_written_is_turned_off_and_requests_are_served(engine, tmp_path, monkeypatch,
+                                                                                  caplog):
+    monkeypatch.setenv("KUBRICK_STEP_TRACE", str(tmp_path / "no-such-dir" / "trace.jsonl"))
+    engine.paged.drop_cached()
+    with caplog.at_level("WARNING"):
+        scheduler = Scheduler(engine)
+    try:
+        reply = Reply()
+        scheduler.submit(ask("Hi"), SamplingParams(temperature=0, max_tokens=8), reply)
+        assert reply.done.wait(60)
+    finally:
+        scheduler.stop()
+    assert isinstance(reply.last, Finished) and reply.last.usage.completion_tokens == 8
+    assert any("KUBRICK_STEP_TRACE: cannot write" in r.message and "the step trace is off" in r.message
+               for r in caplog.records)
+
+
+def test_the_step_trace_summary_refuses_a_file_that_is_not_a_trace(tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"clients": 64}\n')
+    done = subprocess.run([sys.executable, "scripts/step_trace.py", str(other)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"step_trace: {other} is not a KUBRICK_STEP_TRACE file (each line needs ev, t and ms)"
+
+
 def _budget(checkpoint, full_blocks: int, max_batch: int, step_tokens: int) -> str:
     """A kv-cache-memory setting giving exactly `full_blocks` full-attention blocks to the tiny model."""
     from kubrick.engine.config import ModelConfig  # noqa: F401  (the tiny preset's shape, read from the checkpoint)
