@@ -33,7 +33,7 @@ from kubrick.engine.kernels import moe, uses_gemv
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill, pick_splits
 from kubrick.engine.kernels.linear import linear
-from kubrick.engine.kernels.rmsnorm import rmsnorm
+from kubrick.engine.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from kubrick.engine.kernels.rope import rope_and_cache
 from kubrick.engine.kernels.router import router
 from kubrick.engine.kv_cache import KVCache
@@ -48,7 +48,7 @@ class FastTransformer:
         self.config = config
         self.w = weights
         self.embedding = weights["embedding.weight"]
-        self.device = self.embedding.device
+        self.device, self.dtype = self.embedding.device, self.embedding.dtype
         self.rope = RotaryEmbedding(config, self.device)
         self.paged_decoder: PagedGraphDecoder | None = None  # GraphedFastTransformer.capture_paged sets it
 
@@ -108,9 +108,8 @@ class FastTransformer:
         cos, sin = self.rope.cos_sin(positions)
         x = self.embedding[tokens]
         for layer in range(c.num_hidden_layers):
-            x = self._attention(layer, x, cos, sin, rows, kv[layer], start, kv_lens)
-            x = self._moe(layer, x)
-        x = rmsnorm(x if all_logits else x[-1:], self.w["norm.scale"], c.rms_norm_eps)
+            x = self._moe(layer, *self._attention(layer, x, cos, sin, rows, kv[layer], start, kv_lens))
+        x = rmsnorm(x if all_logits else x[-1:], self.w["norm.scale"], c.rms_norm_eps, dtype=self.dtype)
         return F.linear(x, self.w["unembedding.weight"]).float()
 
     # -- continuous batching over the paged KV cache ------------------------------------------------------------
@@ -157,19 +156,18 @@ class FastTransformer:
         cos, sin = self.rope.cos_sin(step.positions)
         x = self.embedding[step.tokens]
         for layer in range(c.num_hidden_layers):
-            x = self._paged_attention(layer, x, cos, sin, step, cache)
-            x = self._moe(layer, x)
+            x = self._moe(layer, *self._paged_attention(layer, x, cos, sin, step, cache))
         if last_rows and not step.decode_only:
             x = x[step.last_rows]
-        x = rmsnorm(x, self.w["norm.scale"], c.rms_norm_eps)
+        x = rmsnorm(x, self.w["norm.scale"], c.rms_norm_eps, dtype=self.dtype)
         return F.linear(x, self.w["unembedding.weight"]).float()
 
-    def _paged_attention(self, layer, x, cos, sin, step: "PagedStep", cache: PagedKVCache) -> torch.Tensor:
+    def _paged_attention(self, layer, x, cos, sin, step: "PagedStep", cache: PagedKVCache):
         c, p = self.config, f"block.{layer}.attn."
         n = x.shape[0]
         sliding = c.is_sliding(layer)
         keys, values = cache.keys[layer], cache.values[layer]  # pools [blocks, PAGE, KVH, D]
-        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
+        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, dtype=self.dtype)
         qkv = linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
         rows = step.rows_window if sliding else step.rows_full
         q = rope_and_cache(qkv, cos, sin, rows, keys.flatten(0, 1), values.flatten(0, 1),
@@ -189,14 +187,14 @@ class FastTransformer:
             for segment, row, length, start in step.prefills:  # prompt chunks: one flash launch each
                 attention_prefill(q[None, row : row + length], keys, values, sinks, start_pos=start, window=window,
                                   block_table=table[segment : segment + 1], out=out[None, row : row + length])
-        return linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"], residual=x)
+        return self._out_projection(layer, out.reshape(n, -1), x)
 
-    def _attention(self, layer, x, cos, sin, rows, kv, start: int | None, kv_lens) -> torch.Tensor:
+    def _attention(self, layer, x, cos, sin, rows, kv, start: int | None, kv_lens):
         """start None: every row of x is one new token of its own sequence (decode); else a prefill chunk."""
         c, p = self.config, f"block.{layer}.attn."
         n = x.shape[0]
         keys, values, batched_keys, batched_values = kv  # rows view [R, KVH, D]; per sequence [B, S, KVH, D]
-        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps)
+        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, dtype=self.dtype)
         qkv = linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
         q = rope_and_cache(qkv, cos, sin, rows, keys, values, c.num_attention_heads, c.num_key_value_heads)
         window = c.sliding_window if c.is_sliding(layer) else 0
@@ -205,23 +203,43 @@ class FastTransformer:
             out = attention_decode(q, batched_keys, batched_values, sinks, kv_lens, window=window)
         else:
             out = attention_prefill(q[None], batched_keys, batched_values, sinks, start_pos=start, window=window)[0]
-        return linear(out.reshape(n, -1), self.w[p + "out.weight"], self.w[p + "out.bias"], residual=x)
+        return self._out_projection(layer, out.reshape(n, -1), x)
 
-    def _moe(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _float_stream(self, tokens: int) -> bool:
+        """Whether the residual stream between layers stays in float32: when the grouped MoE runs, which sums
+        its experts into a float32 buffer; its norm kernels then do the adds and casts around it."""
+        return not uses_gemv(tokens, self.config.experts_per_token, self.device)
+
+    def _out_projection(self, layer: int, out: torch.Tensor, x: torch.Tensor):
+        """The attention's out-projection and its residual -> what _moe takes: (x + projection, None), or
+        (x, projection) when the residual stream is float32 and _moe's norm kernel adds them."""
+        p = f"block.{layer}.attn."
+        if self._float_stream(x.shape[0]):
+            return x, linear(out, self.w[p + "out.weight"], self.w[p + "out.bias"])
+        return linear(out, self.w[p + "out.weight"], self.w[p + "out.bias"], residual=x), None
+
+    def _moe(self, layer: int, x: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """The MoE block and its residual. With `attention` (the out-projection not yet added to x): one kernel
+        adds it, writes the sum to a float32 stream and norms it; mlp2 sums the experts into that stream,
+        which is returned in float32 (the next norm rounds it to the model's dtype)."""
         c, p = self.config, f"block.{layer}.mlp."
+        weights = [self.w[p + name] for name in ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias",
+                                                   "mlp2_weight.blocks", "mlp2_weight.scales", "mlp2_bias")]
+        swiglu = dict(swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
+        if attention is not None:
+            stream = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            t = add_rmsnorm(x, attention, self.w[p + "norm.scale"], c.rms_norm_eps, stream=stream)
+            ids, route = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,
+                                round_logits=t.dtype == torch.bfloat16)
+            return moe(t, ids, route, *weights, **swiglu, out=stream)
         # At decode the norm also writes the MoE GEMV's input layout, saving the GEMV a launch.
         x_gemv = None
         if uses_gemv(x.shape[0], c.experts_per_token, x.device):
             x_gemv = torch.empty(x.shape[0], 8, x.shape[1] // 8, dtype=torch.float32, device=x.device)
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, gemv_out=x_gemv)
-        ids, weights = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,
-                              round_logits=t.dtype == torch.bfloat16)
-        return moe(
-            t, ids, weights,
-            self.w[p + "mlp1_weight.blocks"], self.w[p + "mlp1_weight.scales"], self.w[p + "mlp1_bias"],
-            self.w[p + "mlp2_weight.blocks"], self.w[p + "mlp2_weight.scales"], self.w[p + "mlp2_bias"],
-            swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit, x_gemv=x_gemv, residual=x,
-        )
+        ids, route = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,
+                            round_logits=t.dtype == torch.bfloat16)
+        return moe(t, ids, route, *weights, **swiglu, x_gemv=x_gemv, residual=x)
 
     def weights_bytes(self) -> int:
         seen, total = set(), 0

@@ -55,8 +55,9 @@ def follow_reference(config, weights, prompt_len: int, decode_steps: int, split:
 @pytest.mark.slow
 def test_fast_model_follows_the_reference_through_prefill_and_decode(tiny):
     config, weights = tiny
-    # The second prefill chunk starts mid-cache and past the sliding window of 8.
-    agreed = follow_reference(config, weights, prompt_len=19, decode_steps=12, split=11)
+    # The first chunk (40 tokens x 2 experts) takes the grouped MoE and the float32 residual stream between
+    # layers, the second (10 tokens) the GEMV; it starts mid-cache and past the sliding window of 8.
+    agreed = follow_reference(config, weights, prompt_len=50, decode_steps=12, split=40)
     assert agreed >= 10
 
 

@@ -133,6 +133,19 @@ def test_moe_grouped_adds_the_residual_and_takes_its_own_mlp2_tile(device, dtype
     assert rel_error(out, residual + reference.moe(x, ids, weights, *w)) < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
+def test_moe_grouped_sums_into_a_float32_stream_in_place(device):
+    # out: the float32 residual stream between layers; the block is added into it and it comes back, no copy.
+    x, ids, weights, w = random_moe(tokens=20, hidden=64, inter=96, experts=4, topk=2, dtype=torch.bfloat16,
+                                    device=device)
+    stream = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(device)
+    before = stream.clone()
+    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False), out=stream)
+    assert out is stream and out.dtype == torch.float32
+    assert rel_error(out, before + reference.moe(x, ids, weights, *w).float()) < 1e-2
+    with pytest.raises(AssertionError):  # a bf16 buffer would silently round the sums
+        moe_grouped(x, ids, weights, *w, out=torch.zeros_like(x))
+
+
 @pytest.mark.gpu  # the CPU interpreter of Triton 3.6 has no dot_scaled
 @pytest.mark.parametrize("tokens,block_m", [(20, 16), (300, 128)])
 def test_moe_grouped_on_dot_scaled_and_fast_fp4_match_reference(device, tokens, block_m):

@@ -5,7 +5,7 @@ import torch
 
 from kubrick.engine.kernels import reference
 from kubrick.engine.kernels.moe_gemv import gemv_layout
-from kubrick.engine.kernels.rmsnorm import rmsnorm
+from kubrick.engine.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from kubrick.engine.kernels.router import router
 
 from .helpers import rel_error
@@ -28,6 +28,35 @@ def test_rmsnorm_also_writes_the_moe_gemv_layout(device):
     gemv = torch.full((3, 8, 8), float("nan"), device=device)
     out = rmsnorm(x, w, gemv_out=gemv)
     torch.testing.assert_close(gemv, gemv_layout(out), rtol=0, atol=0)  # every entry written, exactly
+
+
+def test_rmsnorm_of_a_float32_stream_rounds_it_to_the_model_dtype_first(device):
+    # Between layers the stream is float32 (the MoE sums into it); the model sees it rounded to bf16.
+    gen = torch.Generator().manual_seed(2)
+    stream = (torch.randn(4, 200, generator=gen) * 3).to(device)
+    w = torch.randn(200, generator=gen).to(device)
+    out = rmsnorm(stream, w, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    expected = reference.rmsnorm(stream.to(torch.bfloat16), w)
+    assert rel_error(out, expected) < 1e-2
+    # The same as the norm of the stream rounded first: the rounding happens before the statistics.
+    assert torch.equal(rmsnorm(stream.to(torch.bfloat16), w), out)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_add_rmsnorm_adds_as_the_model_does_and_writes_the_float32_stream(device, x_dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 200, generator=gen) * 4).to(device=device, dtype=x_dtype)  # float32: last layer's stream
+    y = torch.randn(5, 200, generator=gen).to(device=device, dtype=torch.bfloat16)  # the attention's projection
+    w = torch.randn(200, generator=gen).to(device)
+    stream = torch.full((5, 200), float("nan"), device=device)
+    t = add_rmsnorm(x, y, w, stream=stream)
+    h = x.to(torch.bfloat16) + y  # what the reference model's bf16 add gives
+    assert torch.equal(stream, h.float())  # bit for bit, every entry written
+    assert t.dtype == torch.bfloat16 and rel_error(t, reference.rmsnorm(h, w)) < 1e-2
+    in_place = x.float().clone()
+    add_rmsnorm(in_place, y, w, stream=in_place)  # the stream may be x itself
+    assert torch.equal(in_place, h.float())
 
 
 @pytest.mark.parametrize("experts,k,tokens,hidden", [(32, 4, 7, 96), (12, 3, 7, 96), (32, 4, 1, 600)])

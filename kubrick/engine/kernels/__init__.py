@@ -38,15 +38,18 @@ def uses_gemv(tokens: int, topk: int, device: torch.device) -> bool:
 
 
 def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, *weights,
-        x_gemv: torch.Tensor | None = None, residual: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        x_gemv: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """The MXFP4 MoE block (arguments as kernels.reference.moe): GEMV for few tokens, grouped tiles for many.
 
     x_gemv: x in the GEMV's input layout, used when the GEMV path runs (see uses_gemv).
     residual: return residual + moe(x) (the GEMV adds it in its last kernel).
+    out: the grouped path only: a float32 buffer holding the residual, summed into in place and returned.
     """
     from kubrick.engine.kernels.moe_gemv import moe_gemv
     from kubrick.engine.kernels.moe_grouped import moe_grouped
 
     if uses_gemv(*expert_ids.shape, x.device):
+        assert out is None, "the GEMV path adds the residual itself: pass residual, not out"
         return moe_gemv(x, expert_ids, expert_weights, *weights, x_gemv=x_gemv, residual=residual, **kwargs)
-    return moe_grouped(x, expert_ids, expert_weights, *weights, residual=residual, **kwargs)
+    return moe_grouped(x, expert_ids, expert_weights, *weights, residual=residual, out=out, **kwargs)

@@ -264,9 +264,12 @@ def moe_grouped(
     swiglu_limit: float = 7.0,
     config: dict | None = None,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MoE block for many tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe); with
     `residual`, residual + the block, summed in float32.
+    out: a float32 [T, H] buffer that holds the residual: the block is summed into it in place and it is
+    returned as it is (float32; no launch to copy the residual in, none to cast the result).
 
     `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and MLP2:
     a dict of BLOCK_N, BLOCK_K, num_warps, num_stages for the mlp2 kernel alone).
@@ -300,7 +303,10 @@ def moe_grouped(
         ONE_DOT=cfg.get("ONE_DOT", False), **common,
     )
     # mlp2 adds its experts' rows into float32 out, which starts as the residual: one rounding, one launch less.
-    if residual is None:
+    accumulate = out is not None
+    if accumulate:
+        assert residual is None and out.dtype == torch.float32 and out.shape == (tokens, hidden) and out.stride(-1) == 1
+    elif residual is None:
         out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
     else:
         out = residual.to(torch.float32, copy=True)
@@ -309,4 +315,4 @@ def moe_grouped(
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=topk, **common2,
     )
-    return out.to(x.dtype)
+    return out if accumulate else out.to(x.dtype)

@@ -1,7 +1,15 @@
-"""Fused RMSNorm: one program per row, float32 statistics, output in the input's dtype (one read, one write).
+"""Fused RMSNorm: one program per row, float32 statistics, output in the model's dtype (one read, one write).
 
 Before the MoE at decode it can also write its output in the MoE GEMV's input layout (kernels/moe_gemv.py),
 which saves the GEMV a launch of its own.
+
+Between layers of many tokens the residual stream is kept in float32 (the grouped MoE sums its experts into
+it, see FastTransformer._moe), so these kernels also take the jobs of three small torch launches a layer:
+  rmsnorm(stream, dtype=bf16)       rounds the stream to the model's dtype before the statistics (the cast
+                                    after the MoE);
+  add_rmsnorm(x, y, w, stream=s)    h = x + y as the model adds in its dtype (the residual add after the
+                                    attention), writes h to s in float32 (the MoE's accumulator, no copy) and
+                                    returns RMSNorm(h).
 """
 
 from __future__ import annotations
@@ -10,41 +18,78 @@ import torch
 import triton
 import triton.language as tl
 
+from kubrick.engine.kernels._common import round_to_bf16
 from kubrick.engine.kernels.moe_gemv import X_SCALE
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, gemv_ptr, BLOCK: tl.constexpr,
-                    GEMV: tl.constexpr):
+def _round_to(x, DTYPE: tl.constexpr):
+    """float32 x rounded to DTYPE's precision, kept in float32 (bf16 by hand: the interpreter truncates)."""
+    if DTYPE == tl.bfloat16:
+        return round_to_bf16(x)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, stream_ptr, stride_x, stride_y, stride_out, n_cols, eps, gemv_ptr,
+                    BLOCK: tl.constexpr, GEMV: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    x = _round_to(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    if ADD:  # torch's x + y in the model's dtype: a float32 sum rounded once
+        x = _round_to(x + tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    if STREAM:
+        tl.store(stream_ptr + row * n_cols + cols, x, mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    y = (x * inv_rms * w).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
+    y = x * inv_rms * w
+    tl.store(out_ptr + row * stride_out + cols, y.to(DTYPE), mask=mask)
     if GEMV:  # float32 times 2**64 at [col % 8, col // 8]: moe_gemv.gemv_layout
         tl.store(gemv_ptr + row * n_cols + (cols % 8) * (n_cols // 8) + cols // 8,
-                 y.to(tl.float32) * X_SCALE, mask=mask)
+                 y.to(DTYPE).to(tl.float32) * X_SCALE, mask=mask)
+
+
+def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch(x, y, weight, eps, out, stream, gemv_out, dtype) -> torch.Tensor:
+    n_cols = x.shape[-1]
+    x2 = _rows(x, n_cols)
+    y2 = _rows(y, n_cols) if y is not None else x2
+    if out is None:
+        out = torch.empty(x2.shape, dtype=dtype or x.dtype, device=x.device)
+    out2 = out.view(-1, n_cols)
+    if stream is not None:
+        assert stream.dtype == torch.float32 and stream.is_contiguous() and stream.numel() == x2.numel()
+    block = triton.next_power_of_2(n_cols)
+    _rmsnorm_kernel[(x2.shape[0],)](
+        x2, y2, weight, out2, stream if stream is not None else out2, x2.stride(0), y2.stride(0), out2.stride(0),
+        n_cols, eps, gemv_out if gemv_out is not None else out2,
+        BLOCK=block, GEMV=gemv_out is not None, ADD=y is not None, STREAM=stream is not None,
+        num_warps=4 if block <= 4096 else 8,
+    )
+    return out2.view(*x.shape[:-1], n_cols)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out: torch.Tensor | None = None,
-            gemv_out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., H] (last dim contiguous), weight [H] -> RMSNorm(x) * weight in x's dtype.
+            gemv_out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., H] (last dim contiguous), weight [H] -> RMSNorm(x) * weight in `dtype` (default x's dtype).
 
+    A float32 x with a narrower `dtype` is rounded to it first: x is then the float32 residual stream.
     gemv_out: a float32 [rows, 8, H/8] buffer that also receives the result in moe_gemv's input layout.
     """
-    n_cols = x.shape[-1]
-    x2 = x.reshape(-1, n_cols)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if out is None:
-        out = torch.empty_like(x2)
-    out2 = out.view(-1, n_cols)
-    block = triton.next_power_of_2(n_cols)
-    _rmsnorm_kernel[(x2.shape[0],)](
-        x2, weight, out2, x2.stride(0), out2.stride(0), n_cols, eps, gemv_out if gemv_out is not None else out2,
-        BLOCK=block, GEMV=gemv_out is not None, num_warps=4 if block <= 4096 else 8,
-    )
-    return out2.view(x.shape)
+    return _launch(x, None, weight, eps, out, None, gemv_out, dtype)
+
+
+def add_rmsnorm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                stream: torch.Tensor | None = None, gemv_out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm(h) * weight in y's dtype, where h = x + y summed as y's dtype sums (x, if float32, rounded to
+    y's dtype first). stream: a float32 buffer shaped like x that receives h (it may be x itself)."""
+    return _launch(x, y, weight, eps, None, stream, gemv_out, y.dtype)
