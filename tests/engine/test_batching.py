@@ -17,7 +17,7 @@ import pytest
 
 from kubrick.engine.api import EngineError, Finished, InvalidRequest, Message, SamplingParams
 from kubrick.engine.paged_cache import PagedKVCache
-from kubrick.engine.scheduler import Scheduler
+from kubrick.engine.scheduler import RequestHandle, Scheduler
 
 BLOCK = 16
 
@@ -284,19 +284,47 @@ def test_a_long_prompt_is_read_in_chunks_while_other_streams_keep_producing(engi
     assert seen["at_first_token"] - seen["at_submit"] >= 15
 
 
+def stream_beside_a_long_prompt(scheduler) -> RequestHandle:
+    """A greedy stream runs while a 200-word prompt is read in chunks beside it; returns the stream's handle
+    once the long request has its answer and the stream is cancelled."""
+    streaming, long_reply = Reply(), Reply()
+    stream = scheduler.submit(ask("Tell me about rivers."), SamplingParams(temperature=0, max_tokens=200), streaming)
+    assert streaming.first.wait(60)
+    scheduler.submit(ask("word " * 200), SamplingParams(temperature=0, max_tokens=2), long_reply)
+    assert long_reply.done.wait(120)
+    stream.cancel()
+    assert streaming.done.wait(60)
+    return stream
+
+
+def test_a_stream_gets_the_tokens_already_picked_before_a_step_with_a_prompt_chunk_runs(engine, scheduler):
+    # A step that reads a prompt chunk runs eagerly and holds the engine thread until the GPU is done; a token
+    # picked before it must reach its stream first, not after it (the stream would wait for two steps).
+    held_back, mixed = [], {"steps": 0}
+    real = engine.forward_batch
+
+    def watching(segments, device_tokens=None):
+        if any(seq.length + len(tokens) < len(seq.tokens) or len(tokens) > 1 for seq, tokens in segments):
+            mixed["steps"] += 1
+            held_back.extend(token for active, token in scheduler._pending if not active.ended)
+        return real(segments, device_tokens=device_tokens)
+
+    engine.forward_batch = watching
+    try:
+        stream_beside_a_long_prompt(scheduler)
+    finally:
+        del engine.forward_batch
+    assert mixed["steps"] >= 6  # the long prompt shared several steps with the stream
+    assert held_back == []
+
+
 def test_the_step_trace_records_the_steps_a_long_prompt_shares_with_a_stream(engine, tmp_path, monkeypatch):
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv("KUBRICK_STEP_TRACE", str(trace))
     engine.paged.drop_cached()
     scheduler = Scheduler(engine)
     try:
-        streaming, long_reply = Reply(), Reply()
-        stream = scheduler.submit(ask("Tell me about rivers."), SamplingParams(temperature=0, max_tokens=200), streaming)
-        assert streaming.first.wait(60)
-        scheduler.submit(ask("word " * 200), SamplingParams(temperature=0, max_tokens=2), long_reply)
-        assert long_reply.done.wait(120)
-        stream.cancel()
-        assert streaming.done.wait(60)
+        stream = stream_beside_a_long_prompt(scheduler)
     finally:
         scheduler.stop()
     events = [json.loads(line) for line in trace.read_text().splitlines()]
