@@ -94,6 +94,20 @@ def test_group_by_expert_covers_every_pair_once_in_single_expert_tiles(device):
         assert all(flat[p] == expert for p in members)
 
 
+@pytest.mark.gpu  # the interpreter compiles nothing
+def test_group_by_expert_compiles_once_for_every_token_count():
+    # A serving step's token count changes every step; a compile mid-serving stalls every stream ~0.5 s.
+    from kubrick.engine.kernels.moe_grouped import _group_by_expert_kernel
+
+    compiled = []
+    for tokens in (1, 16, 17, 64, 333, 512):
+        ids = torch.randint(0, 32, (tokens, 4), dtype=torch.int32, device="cuda")
+        got = group_by_expert(ids, 32, 16)
+        assert all(torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, reference.group_by_expert(ids, 32, 16)))
+        compiled.append(len(_group_by_expert_kernel.device_caches[torch.cuda.current_device()][0]))
+    assert compiled[1:] == compiled[:-1], compiled  # no new variant after the first call
+
+
 @pytest.mark.parametrize("tokens,topk,experts,block_m", [(500, 4, 5, 16), (7, 4, 32, 64), (64, 4, 32, 16)])
 def test_group_by_expert_is_the_stable_sort_of_the_reference(device, tokens, topk, experts, block_m):
     # 2000 pairs span several of the kernel's chunks; 5 experts is no power of two.

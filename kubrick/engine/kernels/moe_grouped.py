@@ -37,7 +37,9 @@ from kubrick.engine.kernels._common import (
 SMALL_PAIRS = 512
 
 
-@triton.jit
+# PAIRS and TILES change with every step's token count: unspecialised, one compiled kernel serves them all
+# (Triton would otherwise compile a variant for counts divisible by 16 and for 1, ~0.5 s each, mid-serving).
+@triton.jit(do_not_specialize=["PAIRS", "TILES"])
 def _group_by_expert_kernel(ids_ptr, pair_ids_ptr, tile_expert_ptr, PAIRS, TILES, N_EXPERTS: tl.constexpr,
                             BLOCK_M: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr):
     """One program: count pairs per expert, lay each expert's run out in whole tiles (a stable sort), and name
