@@ -3,7 +3,8 @@
 
 Every stream that is decoding gets its next text at each "deliver" event, so the time between two deliveries
 is the inter-token gap those streams see. This prints those gaps (p50/p99/max), the host time of each kind of
-step launch and of the waits for picks, and, for the longest gaps, the events inside them.
+step launch and of the waits for picks, the Triton compiles the steps ran into, and, for the longest gaps,
+the events inside them.
 
     python scripts/step_trace.py TRACE.jsonl [--worst 8]
 """
@@ -51,6 +52,20 @@ def main() -> None:
         print(f"  launch {kind:8s} {spread(times)}")
     print(f"  wait for picks  {spread([e['ms'] for e in events if e['ev'] == 'wait'])}")
     print(f"  deliver         {spread([e['ms'] for e in events if e['ev'] == 'deliver'])}")
+    admits = [e["ms"] for e in events if e["ev"] == "admit"]
+    if admits:  # traces before the admit event lack it
+        print(f"  admit           {spread(admits)}")
+    pauses = [e["ms"] for e in events if e["ev"] == "gc"]
+    if pauses:
+        print(f"  garbage collector pauses (>= 1 ms) {spread(pauses)}")
+    compiles = defaultdict(list)
+    for e in events:
+        if e["ev"] == "compile":
+            compiles[e["kernel"]].append(e["ms"])
+    if compiles:
+        print("Triton compiles (kernel: how many, ms in all):")
+        for kernel, times in sorted(compiles.items(), key=lambda kv: -sum(kv[1])):
+            print(f"  {kernel}: {len(times)}, {sum(times):.0f} ms")
     delivers = [e for e in events if e["ev"] == "deliver"]
     gaps = [(b["t"] - a["t"], a, b) for a, b in zip(delivers, delivers[1:])]
     print(f"gaps between deliveries, ms: {spread([g * 1e3 for g, _, _ in gaps])}")
@@ -59,7 +74,9 @@ def main() -> None:
         inside = [e for e in events if a["t"] <= e["t"] < b["t"]]
         parts = []
         for e in inside:
-            what = e["ev"] if e["ev"] != "launch" else f"{e['kind']}({e['rows']} rows, {e['prefill']} prefill)"
+            what = (f"{e['kind']}({e['rows']} rows, {e['prefill']} prefill)" if e["ev"] == "launch"
+                    else f"compile {e['kernel']}" if e["ev"] == "compile"
+                    else f"gc(generation {e['generation']})" if e["ev"] == "gc" else e["ev"])
             parts.append(f"{(e['t'] - a['t']) * 1e3:.1f} {what} {e['ms']:.1f}")
         print(f"  {gap * 1e3:7.1f} ms: " + "; ".join(parts))
 

@@ -8,7 +8,8 @@ next step (its KV blocks are freed at once) and drops a waiting one.
 Continuous batching (engines with a paged KV cache, `engine.paged`): every step
   1. drops cancelled requests and admits waiting ones first come first served while the paged cache can
      promise them every block they may need (prompt + max_tokens); the first that does not fit waits, and
-     all behind it (no overtaking); one that could never fit gets an InvalidRequest at once;
+     all behind it (no overtaking); one that could never fit gets an InvalidRequest as soon as it is checked
+     (new requests are checked and rendered in arrival order, PREPARE_PER_STEP a step);
   2. plans at most `engine.step_tokens` tokens: one decode token for every request past its prompt, then
      prefill chunks (cut at KV-block boundaries) of the requests still reading their prompts, in arrival order;
   3. runs them in one `engine.forward_batch` and samples each finished row with that request's own sampler,
@@ -53,6 +54,9 @@ Outcome = Union[Event, EngineError]
 EventCallback = Callable[[Outcome], None]
 
 SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
+# New requests checked and rendered per step: 64 arriving at once took 30-86 ms of the engine thread in one
+# step (BENCHMARKS.md, the step trace's admit events); 8 keep a step's share to a few ms.
+PREPARE_PER_STEP = 8
 
 
 def _failure(err: Exception) -> EngineError:
@@ -149,7 +153,7 @@ class Scheduler:
             self._finish(handle, EngineError(SHUTTING_DOWN))
         self._thread.join(timeout)
         if self._trace is not None:
-            self._trace.flush()
+            self._trace.close()
 
     # -- continuous batching ---------------------------------------------------------------------------------
 
@@ -173,7 +177,10 @@ class Scheduler:
     def _iteration(self) -> None:
         for active in [a for a in self._running if a.handle.cancelled]:
             self._end(active, "cancelled")
+        started, before = time.perf_counter(), (len(self._prepared), len(self._running))
         self._admit()
+        if (len(self._prepared), len(self._running)) != before:  # traced when it did something
+            self._traced("admit", started, prepared=len(self._prepared), running=len(self._running))
         if not self._running:
             self._inflight = None  # every request of it has ended: nothing of it is wanted
             with self._lock:  # a head that found no room waits for a finishing request (or a new one)
@@ -210,18 +217,21 @@ class Scheduler:
                 self._running.append(_Active(handle, prompt, params, seq, engine.stop_tokens))
 
     def _sweep_queue(self) -> None:
-        """Answer at once, wherever they wait: cancelled requests, bad ones, and ones that could never fit.
-        The others are checked and rendered once, however long they wait."""
+        """Answer soon, wherever they wait: cancelled requests, bad ones, and ones that could never fit.
+        The others are checked and rendered once, however long they wait: at most PREPARE_PER_STEP a step, in
+        arrival order, so a burst of arrivals does not stall the running streams (~1 ms a long prompt)."""
         engine, cache = self.engine, self.engine.paged
         with self._lock:
             waiting = list(self._waiting)
+        rendered = 0
         for handle in waiting:
             if handle.cancelled:  # the engine never sees it
                 self._remove_waiting(handle)
                 self._finish(handle, Finished(Usage(0, 0, 0.0, 0.0), reason="cancelled"))
                 continue
-            if handle.id in self._prepared:
+            if handle.id in self._prepared or rendered >= PREPARE_PER_STEP:
                 continue
+            rendered += 1
             try:
                 prompt, params = engine.prepare(handle.messages, handle.params)
                 positions = min(len(prompt) + params.max_tokens - 1, engine.context_length - 1)
@@ -271,11 +281,12 @@ class Scheduler:
         if not plan:
             self._flush_pending()
             return
-        started, prefill = time.perf_counter(), sum(len(t) for a, t in plan if a.prefill_left)
+        prefill = sum(len(t) for a, t in plan if a.prefill_left)
         if prefill:
             # A step with a prompt chunk runs eagerly and returns when the GPU is done (tens of ms beside a
             # big batch): stream the picks already in hand first, so no stream waits for it twice.
             self._flush_pending()
+        started = time.perf_counter()
         try:
             logits = self.engine.forward_batch([(a.seq, tokens) for a, tokens in plan])
         except Exception as err:

@@ -156,6 +156,37 @@ def test_queueing_each_greedy_step_behind_the_last_changes_no_reply(engine):
     assert engine.paged.usage() == 0
 
 
+def test_a_burst_of_new_requests_is_rendered_a_few_a_step_while_a_stream_runs(engine, scheduler):
+    # Rendering a long prompt takes ~1 ms of the engine thread: 20 arriving at once must not stall the stream.
+    from kubrick.engine.scheduler import PREPARE_PER_STEP
+
+    log: list[str] = []
+    burst = [Reply() for _ in range(20)]
+    real_prepare, real_step = engine.prepare, engine.forward_batch
+
+    def step(*args, **kwargs):
+        if log.count("step") == 3:  # all 20 arrive while the engine thread runs a step: one sweep sees them
+            for i, reply in enumerate(burst):
+                scheduler.submit(ask(f"Question {i}: " + "word " * 50), SamplingParams(temperature=0, max_tokens=2),
+                                 reply)
+        log.append("step")
+        return real_step(*args, **kwargs)
+
+    engine.prepare = lambda *a, **k: (log.append("prepare"), real_prepare(*a, **k))[1]
+    engine.forward_batch = step
+    try:
+        streaming = Reply()
+        stream = scheduler.submit(ask("Tell me about rivers."), SamplingParams(temperature=0, max_tokens=200), streaming)
+        assert all(r.done.wait(120) for r in burst)
+        stream.cancel()
+        assert streaming.done.wait(60)
+    finally:
+        del engine.prepare, engine.forward_batch
+    runs = "".join("p" if e == "prepare" else "s" for e in log).split("s")
+    assert log.count("prepare") == 21 and max(len(run) for run in runs) <= PREPARE_PER_STEP
+    assert all(isinstance(r.last, Finished) for r in burst)
+
+
 def test_when_the_cache_is_full_a_request_waits_then_runs(tiny_original):
     # Room for 12 full blocks (192 positions) beside the window blocks of 2 sequences.
     engine = make_engine(tiny_original, max_batch=2, step_tokens=32, kv_cache_memory=_budget(tiny_original, 12, 2, 32))
@@ -338,6 +369,58 @@ def test_the_step_trace_records_the_steps_a_long_prompt_shares_with_a_stream(eng
     summary = subprocess.run([sys.executable, "scripts/step_trace.py", str(trace), "--worst", "1000"],
                              capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert "gaps between deliveries" in summary and "mixed(2 rows" in summary
+
+
+def test_the_step_trace_records_triton_compiles_and_the_summary_names_them(tmp_path, monkeypatch):
+    # On a GPU a step that meets new kernel arguments stalls while Triton compiles; the trace shows which
+    # kernel. The CPU interpreter compiles nothing, so this calls the hooks Triton's JIT calls around a compile.
+    from types import SimpleNamespace
+
+    from triton import knobs
+
+    from kubrick.engine.step_trace import StepTrace
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("KUBRICK_STEP_TRACE", str(path))
+    trace = StepTrace.from_env()
+    try:
+        start = time.perf_counter()
+        trace.add("deliver", start, n=1)
+        kernel = SimpleNamespace(name="_mlp1_swiglu_grouped_kernel")
+        hook_args = dict(repr="", compile={}, is_manual_warmup=False, already_compiled=False)
+        assert knobs.runtime.jit_cache_hook(key="k1", fn=kernel, **hook_args) is None  # Triton goes on compiling
+        time.sleep(0.02)
+        knobs.runtime.jit_post_compile_hook(key="k1", fn=kernel, **hook_args)
+        trace.add("deliver", time.perf_counter(), n=1)
+    finally:
+        trace.close()
+    assert knobs.runtime.jit_cache_hook is None and knobs.runtime.jit_post_compile_hook is None
+    compiles = [json.loads(line) for line in path.read_text().splitlines() if '"compile"' in line]
+    assert len(compiles) == 1 and compiles[0]["kernel"] == kernel.name and compiles[0]["ms"] >= 20
+    summary = subprocess.run([sys.executable, "scripts/step_trace.py", str(path)], capture_output=True, text=True,
+                             check=True, cwd=REPO).stdout
+    assert "_mlp1_swiglu_grouped_kernel: 1," in summary and "compile _mlp1_swiglu_grouped_kernel" in summary
+
+
+def test_the_step_trace_records_garbage_collector_pauses(tmp_path, monkeypatch):
+    import gc
+
+    from kubrick.engine.step_trace import StepTrace
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("KUBRICK_STEP_TRACE", str(path))
+    monkeypatch.setattr(StepTrace, "GC_PAUSE_S", 0.0)  # every pause, however short
+    trace = StepTrace.from_env()
+    try:
+        gc.collect()
+    finally:
+        trace.close()
+    gc.collect()  # after close: not recorded
+    pauses = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [p["generation"] for p in pauses] == [2] and pauses[0]["ev"] == "gc"
+    summary = subprocess.run([sys.executable, "scripts/step_trace.py", str(path)], capture_output=True, text=True,
+                             check=True, cwd=REPO).stdout
+    assert "garbage collector pauses" in summary
 
 
 def test_a_step_trace_that_cannot_be_written_is_turned_off_and_requests_are_served(engine, tmp_path, monkeypatch,
