@@ -236,14 +236,15 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
     """Continuous batching's decode step, as the scheduler runs it: FastTransformer.forward_batch over the paged
     KV cache (graph replay per bucket) with its host work (block tables, transfers) and one greedy argmax per
     batch, wall clock per step. Each sequence's `context`-token prompt is prefilled first (all in one step).
-    Also: one mixed step (the batch decoding while a new 448-token prompt chunk joins)."""
+    Also: one mixed step (the batch decoding while a new 448-token prompt chunk joins), graphed in pieces as the
+    Engine runs it, and eager."""
     top, page, step_tokens = max(batches), 16, 512
     per_seq = -(-(context + 4 * steps + 64) // page)
     span = -(-(config.sliding_window + step_tokens) // page) + 1
     cache = model.new_paged_cache(num_blocks=(top + 1) * per_seq + 64, window_blocks=(top + 1) * span + 16,
                                   block_size=page)
     cache.prefix_reuse = False  # the mixed step re-sends one prompt: it must be computed every time
-    model.capture_paged(cache, max_blocks=per_seq, max_batch=top)
+    model.capture_paged(cache, max_blocks=per_seq, max_batch=top, max_rows=step_tokens)
     rows = []
     for batch in batches:
         prompts = [torch.randint(0, config.vocab_size - 1000, (context,)).tolist() for _ in range(batch)]
@@ -271,13 +272,16 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
                 tokens[:] = out[:batch].argmax(-1).tolist()
                 cache.release(seq)
 
-            row["mixed_step_s"] = min(_timed(mixed_step, 1) for _ in range(3))
-            # Its GPU kernels alone: what is left of the wall time is the host launching them one by one.
+            row["mixed_step_s"] = min(_timed(mixed_step, 1) for _ in range(3))  # pieces of CUDA graphs
+            graphs, model.mixed_graphs = model.mixed_graphs, None
+            row["mixed_step_eager_s"] = min(_timed(mixed_step, 1) for _ in range(3))
+            # Its GPU kernels alone: what is left of the eager wall time is the host launching them one by one.
             row["mixed_profile"] = profile(mixed_step)
+            model.mixed_graphs = graphs
         for seq in seqs:
             cache.release(seq)
         rows.append(row)
-    model.paged_decoder = None
+    model.paged_decoder = model.mixed_graphs = None
     return rows
 
 
@@ -437,7 +441,9 @@ def print_kernel_engine(r: dict) -> None:
               f"({1e3 * row['s_per_step']:.3f} ms/step; {row['pct_roofline']:.0f}% of {row['roofline_tok_s']:.0f} tok/s roofline)")
     for row in r.get("decode_paged", []):
         static = f"{100 * row['tok_s'] / row['static_tok_s']:.0f}% of the static-cache graph's {row['static_tok_s']:.0f}" if row.get("static_tok_s") else "no static figure"
-        mixed = f"; a 448-token prompt chunk joining: {1e3 * row['mixed_step_s']:.1f} ms step" if "mixed_step_s" in row else ""
+        mixed = (f"; a 448-token prompt chunk joining: {1e3 * row['mixed_step_s']:.1f} ms step"
+                 + (f" (eager: {1e3 * row['mixed_step_eager_s']:.1f} ms)" if "mixed_step_eager_s" in row else "")
+                 if "mixed_step_s" in row else "")
         print(f"paged   batch {row['batch']:>2} ctx {row['context']:>5}: {row['tok_s']:8.0f} tok/s  "
               f"({1e3 * row['s_per_step']:.3f} ms/step with host work and one argmax transfer; {static}{mixed})")
     mixed = next((row["mixed_profile"] for row in r.get("decode_paged", []) if "mixed_profile" in row), None)

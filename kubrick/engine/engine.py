@@ -166,7 +166,8 @@ class Engine:
             self.paged = self._new_paged_cache(kv_cache_budget(kv_cache_memory, self.torch_device))
             self.paged.prefix_reuse = os.environ.get("KUBRICK_PREFIX_CACHE", "1") not in ("0", "false", "no", "off")
             if hasattr(self.model, "capture_paged"):  # decode steps replay CUDA graphs; no request pays for them
-                self.model.capture_paged(self.paged, self.paged.blocks_needed(context_length), self.max_batch)
+                self.model.capture_paged(self.paged, self.paged.blocks_needed(context_length), self.max_batch,
+                                         self.step_tokens)
             log.info("%s", self.kv_cache_description())
 
     def _new_paged_cache(self, budget: int) -> PagedKVCache:

@@ -17,7 +17,9 @@ the graph captured over the engine's cache).
 
 Continuous batching: `forward_batch(segments, paged_cache)` runs one scheduler step (decode tokens and prompt
 chunks of many sequences) over the paged KV cache, whose blocks the attention kernels read in place through
-block tables. A step of decode tokens only replays `PagedGraphDecoder`'s graph for its batch-size bucket.
+block tables. A step of decode tokens only replays `PagedGraphDecoder`'s graph for its batch-size bucket; a
+step with prompt chunks replays `PagedMixedGraphs`' pieces (mixed_graphs.py: graphs cut at the attention,
+which runs eagerly between them), or runs eagerly when it has more rows than the largest bucket.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from kubrick.engine.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from kubrick.engine.kernels.rope import rope_and_cache
 from kubrick.engine.kernels.router import router
 from kubrick.engine.kv_cache import KVCache
+from kubrick.engine.mixed_graphs import PagedMixedGraphs
 from kubrick.engine.model import RotaryEmbedding
 from kubrick.engine.paged_cache import PagedKVCache, SequenceBlocks
 
@@ -50,7 +53,8 @@ class FastTransformer:
         self.embedding = weights["embedding.weight"]
         self.device, self.dtype = self.embedding.device, self.embedding.dtype
         self.rope = RotaryEmbedding(config, self.device)
-        self.paged_decoder: PagedGraphDecoder | None = None  # GraphedFastTransformer.capture_paged sets it
+        self.paged_decoder: PagedGraphDecoder | None = None  # GraphedFastTransformer.capture_paged sets these
+        self.mixed_graphs: PagedMixedGraphs | None = None
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
@@ -139,8 +143,11 @@ class FastTransformer:
         if graphs is not None and step.decode_count <= graphs.buckets[-1]:
             # The decode kernel's splits of the graph bucket that would hold these decodes: compiled already.
             step.splits = graphs.steps[graphs.bucket_for(max(step.decode_count, 1))].splits
+        mixed = self.mixed_graphs
         if graphed:
             logits = graphs.step(step, device_tokens)[: len(segments)]
+        elif mixed is not None and mixed.cache is cache and mixed.fits(step.tokens.shape[0]):
+            logits = mixed.step(self, step)  # everything but the attention replays CUDA graphs
         else:
             logits = self._paged_layers(step.to(self.device), cache, last_rows=True)
         for seq, part in segments:
@@ -156,30 +163,45 @@ class FastTransformer:
         cos, sin = self.rope.cos_sin(step.positions)
         x = self.embedding[step.tokens]
         for layer in range(c.num_hidden_layers):
-            x = self._moe(layer, *self._paged_attention(layer, x, cos, sin, step, cache))
+            q = self._paged_qkv(layer, x, cos, sin, step.rows_full, step.rows_window, cache)
+            out = self._paged_attention(layer, q, step, cache)
+            x = self._moe(layer, *self._out_projection(layer, out, x))
+        return self._paged_logits(x, step, last_rows)
+
+    def _paged_logits(self, x: torch.Tensor, step: "PagedStep", last_rows: bool) -> torch.Tensor:
         if last_rows and not step.decode_only:
             x = x[step.last_rows]
-        x = rmsnorm(x, self.w["norm.scale"], c.rms_norm_eps, dtype=self.dtype)
+        x = rmsnorm(x, self.w["norm.scale"], self.config.rms_norm_eps, dtype=self.dtype)
         return F.linear(x, self.w["unembedding.weight"]).float()
 
-    def _paged_attention(self, layer, x, cos, sin, step: "PagedStep", cache: PagedKVCache):
+    def _paged_qkv(self, layer, x, cos, sin, rows_full, rows_window, cache: PagedKVCache,
+                   q_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention norm, QKV projection, RoPE; keys and values written to the pools at their rows -> q [n, QH, D]."""
         c, p = self.config, f"block.{layer}.attn."
-        n = x.shape[0]
-        sliding = c.is_sliding(layer)
         keys, values = cache.keys[layer], cache.values[layer]  # pools [blocks, PAGE, KVH, D]
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, dtype=self.dtype)
         qkv = linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
-        rows = step.rows_window if sliding else step.rows_full
-        q = rope_and_cache(qkv, cos, sin, rows, keys.flatten(0, 1), values.flatten(0, 1),
-                           c.num_attention_heads, c.num_key_value_heads)
+        rows = rows_window if c.is_sliding(layer) else rows_full
+        return rope_and_cache(qkv, cos, sin, rows, keys.flatten(0, 1), values.flatten(0, 1),
+                              c.num_attention_heads, c.num_key_value_heads, out=q_out)
+
+    def _paged_attention(self, layer, q, step: "PagedStep", cache: PagedKVCache,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sink attention of the step's rows of q over the paged pools -> [n, QH * D] (into `out` if given;
+        rows of `out` past the step's are left alone)."""
+        c, p = self.config, f"block.{layer}.attn."
+        n = step.tokens.shape[0]
+        sliding = c.is_sliding(layer)
+        keys, values = cache.keys[layer], cache.values[layer]
         window = c.sliding_window if sliding else 0
         table = step.table_window if sliding else step.table_full
         sinks = self.w[p + "sinks"]
         splits = step.splits.get(window) if step.splits else None
+        out = torch.empty_like(q) if out is None else out.view(-1, *q.shape[1:])
         if step.decode_only:
-            out = attention_decode(q, keys, values, sinks, step.kv_lens, window=window, splits=splits, block_table=table)
+            attention_decode(q[:n], keys, values, sinks, step.kv_lens, window=window, splits=splits, block_table=table,
+                             out=out[:n])
         else:
-            out = torch.empty_like(q)
             if step.decode_count:  # one-token segments: the decode kernel, in one launch
                 d = step.decode_segments
                 out[step.decode_rows] = attention_decode(q[step.decode_rows], keys, values, sinks, step.kv_lens[d],
@@ -187,7 +209,7 @@ class FastTransformer:
             for segment, row, length, start in step.prefills:  # prompt chunks: one flash launch each
                 attention_prefill(q[None, row : row + length], keys, values, sinks, start_pos=start, window=window,
                                   block_table=table[segment : segment + 1], out=out[None, row : row + length])
-        return self._out_projection(layer, out.reshape(n, -1), x)
+        return out.reshape(out.shape[0], -1)
 
     def _attention(self, layer, x, cos, sin, rows, kv, start: int | None, kv_lens):
         """start None: every row of x is one new token of its own sequence (decode); else a prefill chunk."""
@@ -370,11 +392,14 @@ class GraphedFastTransformer(FastTransformer):
         super().__init__(config, weights)
         self.decoder: CudaGraphDecoder | None = None
 
-    def capture_paged(self, cache: PagedKVCache, max_blocks: int, max_batch: int) -> None:
-        """Capture the decode-step graphs of continuous batching over `cache` (sequences up to max_blocks blocks)."""
+    def capture_paged(self, cache: PagedKVCache, max_blocks: int, max_batch: int, max_rows: int | None = None) -> None:
+        """Capture the graphs of continuous batching over `cache` (sequences up to max_blocks blocks): decode
+        steps of up to max_batch sequences, and mixed steps of up to max_rows rows in pieces (mixed_graphs.py)."""
         if self.device.type == "cuda":
-            self.paged_decoder = None  # free the old graphs' pool first
+            self.paged_decoder = self.mixed_graphs = None  # free the old graphs' pools first
             self.paged_decoder = PagedGraphDecoder(self, cache, max_blocks, max_batch)
+            if max_rows:
+                self.mixed_graphs = PagedMixedGraphs(self, cache, max_rows)
             self._compile_mixed_steps(cache)
 
     def _compile_mixed_steps(self, cache: PagedKVCache) -> None:

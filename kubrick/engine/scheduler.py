@@ -17,8 +17,8 @@ Continuous batching (engines with a paged KV cache, `engine.paged`): every step
   4. When every row is a greedy pick and the batch does not change, the next decode step is queued on the GPU
      before this one's picks are read back, fed them there (`_chain`): the host's work for a step (text,
      stops, block tables, launches) then runs while the GPU computes, instead of between steps. A step with
-     a prompt chunk streams the text of the picks in hand before it starts: it runs eagerly and holds the
-     host until the GPU is done, and a stream's longest wait would otherwise be that step plus the last.
+     a prompt chunk streams the text of the picks in hand before it starts: it holds the host until the GPU
+     is done, and a stream's longest wait would otherwise be that step plus the last.
 The step-time bound: a step never runs more than `step_tokens` tokens, so a 30,000-token prompt is read
 `step_tokens - decoding requests` tokens at a time while every other stream still gets a token each step.
 Engines without a paged cache (the Triton-kernel FastTransformer, until its kernels read the paged layout)
@@ -283,8 +283,9 @@ class Scheduler:
             return
         prefill = sum(len(t) for a, t in plan if a.prefill_left)
         if prefill:
-            # A step with a prompt chunk runs eagerly and returns when the GPU is done (tens of ms beside a
-            # big batch): stream the picks already in hand first, so no stream waits for it twice.
+            # A step with a prompt chunk returns when the GPU is done (its attention launches and its rows'
+            # logits need the host; tens of ms beside a big batch): stream the picks already in hand first,
+            # so no stream waits for it twice.
             self._flush_pending()
         started = time.perf_counter()
         try:

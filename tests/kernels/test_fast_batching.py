@@ -86,16 +86,21 @@ def test_block_tables_find_every_position_the_cache_wrote(tiny):
     assert seq.slot == -1 and slot in cache.free_slots
 
 
+def two_layers_of_20b(tmp_path, seed: int):
+    """A random checkpoint of gpt-oss-20b's layer shapes, 2 layers and a smaller vocabulary, on the GPU."""
+    config = replace(ModelConfig(), num_hidden_layers=2, vocab_size=32768)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config.to_original_json()))
+    return load_checkpoint(make_checkpoint(tmp_path / "ckpt", config_file=config_file, seed=seed), device="cuda")
+
+
 @pytest.mark.gpu
 def test_graph_replayed_batched_decode_matches_eager_steps_and_the_reference_at_20b_width(tmp_path):
     # gpt-oss-20b's layer shapes (2 layers, a smaller vocabulary), three sequences prefilled in one mixed step
     # (150, 37 and 200 tokens, past the 128-token window), then 40 decode-only steps in the 4-sequence bucket
     # (one idle row), every other one fed its tokens on the GPU; the graphs against the same model run eagerly,
     # and both against the reference.
-    config = replace(ModelConfig(), num_hidden_layers=2, vocab_size=32768)
-    config_file = tmp_path / "config.json"
-    config_file.write_text(json.dumps(config.to_original_json()))
-    config, weights = load_checkpoint(make_checkpoint(tmp_path / "ckpt", config_file=config_file, seed=5), device="cuda")
+    config, weights = two_layers_of_20b(tmp_path, seed=5)
     reference, graphed, eager = Transformer(config, weights), GraphedFastTransformer(config, weights), FastTransformer(config, weights)
     caches = [m.new_paged_cache(num_blocks=128, window_blocks=96, block_size=16) for m in (reference, graphed, eager)]
     graphed.capture_paged(caches[1], max_blocks=32, max_batch=8)
@@ -124,3 +129,45 @@ def test_graph_replayed_batched_decode_matches_eager_steps_and_the_reference_at_
     assert sorted(graph_vs_eager)[20] < 1e-2 and max(graph_vs_eager) < 0.5
     assert sorted(vs_reference)[20] < 0.1 and max(vs_reference) < 0.5
     assert agreed >= 100
+
+
+@pytest.mark.gpu
+def test_mixed_steps_replayed_in_graph_pieces_match_the_eager_model_at_20b_width(tmp_path):
+    # Steps with prompt chunks run as CUDA graphs cut at the attention (mixed_graphs.py), padded to a bucket of
+    # rows: 100 rows (bucket 128), a decode beside a 47-token chunk (48 rows, bucket 64), a 53-token rest beside
+    # a decode, two decode-only steps (the decode graphs), then a 200-token prompt beside two decodes (bucket
+    # 256); each against the same model run eagerly on its own cache.
+    config, weights = two_layers_of_20b(tmp_path, seed=6)
+    graphed, eager = GraphedFastTransformer(config, weights), FastTransformer(config, weights)
+    caches = [m.new_paged_cache(num_blocks=128, window_blocks=96, block_size=16) for m in (graphed, eager)]
+    graphed.capture_paged(caches[0], max_blocks=32, max_batch=8, max_rows=256)
+    mixed = graphed.mixed_graphs
+    assert mixed.buckets == [64, 128, 256]
+    replayed = []
+    real_step = mixed.step
+    mixed.step = lambda model, step: (replayed.append(step.tokens.shape[0]), real_step(model, step))[1]
+    gen = torch.Generator().manual_seed(4)
+    a, b, c = (torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (100, 100, 200))
+    seqs = [[cache.admit(p, len(p) + 20, 256) for p in (a, b, c)] for cache in caches]
+    picks: dict[int, int] = {}
+
+    def run(plan):  # plan: (sequence index, tokens or None for its next greedy token)
+        out = []
+        for model, cache, s in zip((graphed, eager), caches, seqs):
+            segments = [(s[i], part if part is not None else [picks[i]]) for i, part in plan]
+            out.append(model.forward_batch(segments, cache))
+        done = [i for i, _ in plan if seqs[1][i].length >= len(seqs[1][i].tokens)]  # rows of the logits
+        for row, i in enumerate(done):
+            picks[i] = int(out[1][row].argmax())  # both continue from the eager model's text
+        return out
+
+    errors = []
+    steps = [[(0, a)], [(0, None), (1, b[:47])], [(0, None), (1, b[47:])], [(0, None), (1, None)],
+             [(0, None), (1, None)], [(0, None), (1, None), (2, c)]]
+    for plan in steps:
+        got, expected = run(plan)
+        assert got.shape == expected.shape
+        errors.append(rel_error(got, expected))
+    assert replayed == [100, 48, 54, 202]  # the decode-only steps replayed the decode graphs instead
+    # The same kernels on the same rows; padding rows change nothing but the order of the MoE's float atomics.
+    assert max(errors) < 2e-2, errors

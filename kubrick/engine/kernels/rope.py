@@ -54,16 +54,18 @@ def rope_and_cache(
     v_cache: torch.Tensor,
     q_heads: int,
     kv_heads: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """qkv [n, (QH + 2 KVH) * D] -> rotated q [n, QH, D]; rotated k and v land in k_cache/v_cache [S, KVH, D]
-    at rows `positions` [n] (int tensor on qkv's device). cos, sin: [n, D/2] float32."""
+    at rows `positions` [n] (int tensor on qkv's device). cos, sin: [n, D/2] float32. out: q's buffer."""
     n = qkv.shape[0]
     head_dim = qkv.shape[1] // (q_heads + 2 * kv_heads)
     half = head_dim // 2
     assert qkv.stride(1) == 1 and cos.stride(1) == 1 and sin.stride() == cos.stride()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and half == triton.next_power_of_2(half)
     assert k_cache.dtype == v_cache.dtype == qkv.dtype  # one kernel writes q and the caches through one pointer type
-    q = torch.empty(n, q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(n, q_heads, head_dim, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    assert q.shape == (n, q_heads, head_dim) and q.dtype == qkv.dtype and q.stride(2) == 1
     _rope_cache_kernel[(n, q_heads + 2 * kv_heads)](
         qkv, cos, sin, positions, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
