@@ -113,4 +113,4 @@ class PagedMixedGraphs:
         for layer in range(self.layers):
             model._paged_attention(layer, q, on_device, self.cache, out=attn)
             graphs[layer + 1].replay()
-        return model._paged_logits(self.streams[bucket]["x"], on_device, last_rows=True)
+        return model._paged_logits(self.streams[bucket]["x"][:n], on_device, last_rows=True)
