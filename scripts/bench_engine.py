@@ -245,6 +245,17 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
                                   block_size=page)
     cache.prefix_reuse = False  # the mixed step re-sends one prompt: it must be computed every time
     model.capture_paged(cache, max_blocks=per_seq, max_batch=top, max_rows=step_tokens)
+    # A 2048-token prompt read in steps of step_tokens through forward_batch, as the scheduler feeds a lone
+    # request's prompt (graph pieces, each step's logits read back): the Engine's prefill.
+    prompt = torch.randint(0, config.vocab_size - 1000, (2048,)).tolist()
+
+    def prompt_in_steps():
+        seq = cache.admit(prompt, 2049, step_tokens)
+        for start in range(0, len(prompt), step_tokens):
+            model.forward_batch([(seq, prompt[start : start + step_tokens])], cache)
+        cache.release(seq)
+
+    prefill_steps_s = min(_timed(prompt_in_steps, 1) for _ in range(3))
     rows = []
     for batch in batches:
         prompts = [torch.randint(0, config.vocab_size - 1000, (context,)).tolist() for _ in range(batch)]
@@ -262,7 +273,8 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
         for _ in range(steps):
             step()
         seconds = (time.perf_counter() - start) / steps
-        row = {"batch": batch, "context": context, "s_per_step": seconds, "tok_s": batch / seconds}
+        row = {"batch": batch, "context": context, "s_per_step": seconds, "tok_s": batch / seconds,
+               "prefill_2048_in_steps_s": prefill_steps_s}
         if batch == top:  # a prompt chunk joins the full batch: the step every stream then waits for
             newcomer = torch.randint(0, config.vocab_size - 1000, (448,)).tolist()
 
@@ -439,6 +451,9 @@ def print_kernel_engine(r: dict) -> None:
     for row in r["decode_batched"]:
         print(f"decode  batch {row['batch']:>2} ctx {row['context']:>5}: {row['tok_s']:8.0f} tok/s  "
               f"({1e3 * row['s_per_step']:.3f} ms/step; {row['pct_roofline']:.0f}% of {row['roofline_tok_s']:.0f} tok/s roofline)")
+    if r.get("decode_paged"):
+        seconds = r["decode_paged"][0]["prefill_2048_in_steps_s"]
+        print(f"prefill 2048 tokens through forward_batch, steps of 512 (the Engine's path): {2048 / seconds:8.0f} tok/s")
     for row in r.get("decode_paged", []):
         static = f"{100 * row['tok_s'] / row['static_tok_s']:.0f}% of the static-cache graph's {row['static_tok_s']:.0f}" if row.get("static_tok_s") else "no static figure"
         mixed = (f"; a 448-token prompt chunk joining: {1e3 * row['mixed_step_s']:.1f} ms step"
