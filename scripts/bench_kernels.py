@@ -5,7 +5,7 @@ Memory-bound kernels (decode) are measured against the device-to-device copy ban
 run; compute-bound ones (prefill) report TFLOP/s. Every kernel runs over LAYERS distinct weight/cache copies
 inside one CUDA graph, so nothing is served from L2 that a real decode step would have to read from HBM.
 
-    python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--model] [--json out.json] [--layers 8]
+    python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--sweep-tables] [--model] [--json out.json] [--layers 8]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kubrick.engine.kernels._common import block_config  # noqa: E402
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill  # noqa: E402
 from kubrick.engine.kernels.moe_gemv import moe_gemv  # noqa: E402
 from kubrick.engine.kernels.moe_grouped import moe_grouped  # noqa: E402
@@ -287,6 +288,23 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
     return rows
 
 
+def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 192, 256, 320, 384, 448, 512)) -> list[dict]:
+    """The grouped MoE's two block tables (moe_grouped_small, moe_grouped) at each token count, whichever moe()
+    would pick: where one should hand over to the other, and how a mixed step's MoE grows with its rows."""
+    rows = []
+    experts = moe_weights(layers)
+    tables = {name: block_config(name, torch.device("cuda")) for name in ("moe_grouped_small", "moe_grouped")}
+    for tokens in token_counts:
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        for name, cfg in tables.items():
+            calls = [lambda r=r, w=w, cfg=cfg: moe_grouped(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+            us = time_per_call(calls, replays=5) * 1e6
+            rows.append(dict(kernel="moe_grouped", tokens=tokens, config=name, us=us))
+            print(f"tables T={tokens} ({tokens * TOPK / EXPERTS:.0f} pairs an expert) {name}: {us:.1f} us", flush=True)
+    return rows
+
+
 def sweep_gemv_splits(layers: int) -> list[dict]:
     """moe_gemv at 1 and 8 tokens over BLOCK_I (mlp1 rows), BLOCK_N/BLOCK_K (mlp2 rows, values a step) and mlp2's
     split_k; then the table's GEMV against the grouped kernel at 8-16 tokens (where the table's MAX_PAIRS belongs)."""
@@ -438,6 +456,8 @@ def main() -> None:
     parser.add_argument("--sweep-gemv", action="store_true", help="also time moe_gemv over its blocks and split-K")
     parser.add_argument("--sweep-small", action="store_true", help="also time the grouped MoE at 8-2048 tokens: dot_scaled against FAST_FP4")
     parser.add_argument("--sweep-linear", action="store_true", help="also time the one-token linear GEMV vs cuBLAS")
+    parser.add_argument("--sweep-tables", action="store_true",
+                        help="also time the grouped MoE's two block tables at 128-512 tokens (a mixed step's sizes)")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -453,6 +473,8 @@ def main() -> None:
         sweep_rows += sweep_small(args.layers)
     if args.sweep_linear:
         sweep_rows += sweep_linear(args.layers)
+    if args.sweep_tables:
+        sweep_rows += sweep_tables(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:
