@@ -2,6 +2,7 @@
 
 Kernel (module)                         what it computes                                   reference
 rmsnorm.rmsnorm                         RMSNorm, float32 statistics                        reference.rmsnorm
+rmsnorm.add_rmsnorm                     residual add as bf16 adds, float32 sum, RMSNorm    reference.rmsnorm(x + y)
 router.router                           x W^T + b, top-k, softmax over the k               reference.router
 rope.rope_and_cache                     QKV split + YaRN RoPE + KV-cache write             reference.rope_and_cache
 moe_gemv.moe_gemv                       MXFP4 MoE for few tokens (decode)                  reference.moe
