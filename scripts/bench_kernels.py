@@ -293,7 +293,9 @@ def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 192, 256, 32
     would pick: where one should hand over to the other, and how a mixed step's MoE grows with its rows."""
     rows = []
     experts = moe_weights(layers)
-    tables = {name: block_config(name, torch.device("cuda")) for name in ("moe_grouped_small", "moe_grouped")}
+    # Each table whole: a config overrides only the keys it names, on top of the table moe() picks by size.
+    keys = dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, MLP2={})
+    tables = {name: keys | block_config(name, torch.device("cuda")) for name in ("moe_grouped_small", "moe_grouped")}
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
         routes = [routing(tokens, seed) for seed in range(layers)]

@@ -25,7 +25,8 @@ def interpreting() -> bool:
 #   moe_grouped: BLOCK_M (token rows per expert tile), BLOCK_N, BLOCK_K, warps, stages (prefill), DOT_SCALED
 #                (tl.dot_scaled on the packed weights instead of our dequantise + tl.dot; see moe_grouped.py),
 #                FAST_FP4 (our dequantise in inline PTX, see mxfp4_to_bf16 below);
-#   moe_grouped_small: the same for at most SMALL_PAIRS (token, expert) pairs, where tiles are mostly empty
+#   moe_grouped_small: the same for at most MAX_PAIRS (token, expert) pairs (default moe_grouped.SMALL_PAIRS,
+#             512), where tiles are mostly empty
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
 #   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps (kernels/linear.py, one token)
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
@@ -68,14 +69,16 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # ~9 instructions a code in the loop against ~4.4 (`bench_kernels.py --sweep-small`, per layer): 287 / 295 /
 # 297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens. The GEMV keeps 8 tokens (195 us
 # against 235), so the grouped kernel takes over above 32 pairs. Prefill ties (2047 vs 2026 us at 2048
-# tokens) and keeps dot_scaled.
+# tokens) and keeps dot_scaled. The small table's 16-row FAST_FP4 tiles also beat dot_scaled's 128-row ones
+# up to 448 tokens (`bench_kernels.py --sweep-tables`: 445 / 542 / 647 / 754 / 843 us against 821 / 832 / 838
+# / 843 / 850 at 192 / 256 / 320 / 384 / 448 tokens; 952 against 855 at 512): MAX_PAIRS 1792.
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": _TABLE["big_smem"]["moe_gemv"] | dict(MAX_PAIRS=32),
     "moe_grouped": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, DOT_SCALED=True),
     # mlp2 (K = intermediate, N = hidden) on its own tile of 256 rows x 64 values: 279 vs 294 us at 64 tokens;
     # mlp1's gate and linear rows in one dot (ONE_DOT): 268 vs 279
     "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True,
-                              ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64)),
+                              ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64), MAX_PAIRS=4 * 448),
 }
 
 

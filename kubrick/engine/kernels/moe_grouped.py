@@ -33,7 +33,8 @@ from kubrick.engine.kernels._common import (
 )
 
 
-# Up to this many (token, expert) pairs, experts see few tokens each: short tiles waste less work.
+# Up to this many (token, expert) pairs, experts see few tokens each: short tiles waste less work (the
+# moe_grouped_small table's MAX_PAIRS, where a GPU family measured its own crossover, overrides it).
 SMALL_PAIRS = 512
 
 
@@ -283,7 +284,8 @@ def moe_grouped(
     for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_weights):
         assert t.is_contiguous()
     assert x.stride(-1) == 1 and hidden % 32 == 0 and inter % 32 == 0
-    table = "moe_grouped_small" if expert_ids.numel() <= SMALL_PAIRS else "moe_grouped"
+    small = block_config("moe_grouped_small", x.device)
+    table = "moe_grouped_small" if expert_ids.numel() <= small.get("MAX_PAIRS", SMALL_PAIRS) else "moe_grouped"
     cfg = block_config(table, x.device) | (config or {})
     # The CPU interpreter computes bf16 tl.dot wrong (FACTS.md): it gets float32 operands instead; float32
     # dots run in IEEE fp32, not TF32.
