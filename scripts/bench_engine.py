@@ -304,8 +304,8 @@ def kernel_label(name: str) -> str:
         ("mlp1_swiglu_grouped", "MoE grouped mlp1+swiglu (Triton)"), ("mlp2_combine_grouped", "MoE grouped mlp2 (Triton)"),
         ("decode_split", "attention decode (Triton)"), ("decode_combine", "attention decode combine (Triton)"),
         ("_prefill_kernel", "attention prefill (Triton)"), ("rmsnorm", "RMSNorm (Triton)"),
-        ("rope_cache", "RoPE + KV write (Triton)"), ("router_logits", "router logits (Triton)"),
-        ("topk_softmax", "router top-k (Triton)"), ("linear_gemv", "QKV / out-projection GEMV + residual (Triton)"),
+        ("rope_cache", "RoPE + KV write (Triton)"), ("_router_kernel", "residual add + RMSNorm + router (Triton)"),
+        ("linear_gemv", "QKV / out-projection GEMV (Triton)"),
     ]
     for key, label in table:
         if key in name:

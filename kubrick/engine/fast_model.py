@@ -4,11 +4,12 @@
 `new_cache`, `weights_bytes`), checked against it in tests/kernels/test_fast_model.py. Per layer:
 RMSNorm kernel -> QKV matmul -> one kernel for YaRN RoPE (cos/sin from the reference's own RotaryEmbedding) +
 keys/values written into the reference KVCache in place -> sink attention kernel (prefill: flash-style; one new
-token: split-KV decode) -> out matmul + residual -> RMSNorm kernel (at decode it also writes the MoE GEMV's
-input layout) -> router kernel (bf16-rounded logits, as the reference's bf16 matmul picks) -> MXFP4 MoE kernel
-(GEMV for few tokens, expert tiles for many) + residual.
-Dense matmuls: at one token the GEMV of kernels/linear.py (bias and residual added in it); otherwise
-torch/cuBLAS, which also runs the unembedding (already at copy bandwidth at one token).
+token: split-KV decode) -> out matmul -> one kernel for the residual add, RMSNorm (at decode also in the MoE
+GEMV's input layout) and the router (bf16-rounded logits, as the reference's bf16 matmul picks) -> MXFP4 MoE
+kernel (GEMV for few tokens, expert tiles for many), which sums the experts into the residual stream.
+Between layers the residual stream is float32 holding what the model's bf16 adds give (see _moe).
+Dense matmuls: at one token the GEMV of kernels/linear.py; otherwise torch/cuBLAS, which also runs the
+unembedding (already at copy bandwidth at one token).
 
 Decode loops: `CudaGraphDecoder` (one sequence, one captured step replayed per token),
 `CudaGraphBatchDecoder` (a static `BatchedKVCache` of B slots, one graph per batch-size bucket) and
@@ -35,9 +36,9 @@ from kubrick.engine.kernels import moe, uses_gemv
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill, pick_splits
 from kubrick.engine.kernels.linear import linear
-from kubrick.engine.kernels.rmsnorm import add_rmsnorm, rmsnorm
+from kubrick.engine.kernels.rmsnorm import rmsnorm
 from kubrick.engine.kernels.rope import rope_and_cache
-from kubrick.engine.kernels.router import router
+from kubrick.engine.kernels.router import norm_router
 from kubrick.engine.kv_cache import KVCache
 from kubrick.engine.mixed_graphs import PagedMixedGraphs
 from kubrick.engine.model import RotaryEmbedding
@@ -227,41 +228,30 @@ class FastTransformer:
             out = attention_prefill(q[None], batched_keys, batched_values, sinks, start_pos=start, window=window)[0]
         return self._out_projection(layer, out.reshape(n, -1), x)
 
-    def _float_stream(self, tokens: int) -> bool:
-        """Whether the residual stream between layers stays in float32: when the grouped MoE runs, which sums
-        its experts into a float32 buffer; its norm kernels then do the adds and casts around it."""
-        return not uses_gemv(tokens, self.config.experts_per_token, self.device)
-
     def _out_projection(self, layer: int, out: torch.Tensor, x: torch.Tensor):
-        """The attention's out-projection and its residual -> what _moe takes: (x + projection, None), or
-        (x, projection) when the residual stream is float32 and _moe's norm kernel adds them."""
+        """The attention's out-projection -> what _moe takes: (the residual stream x, the projection), which
+        _moe's first kernel adds."""
         p = f"block.{layer}.attn."
-        if self._float_stream(x.shape[0]):
-            return x, linear(out, self.w[p + "out.weight"], self.w[p + "out.bias"])
-        return linear(out, self.w[p + "out.weight"], self.w[p + "out.bias"], residual=x), None
+        return x, linear(out, self.w[p + "out.weight"], self.w[p + "out.bias"])
 
-    def _moe(self, layer: int, x: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
-        """The MoE block and its residual. With `attention` (the out-projection not yet added to x): one kernel
-        adds it, writes the sum to a float32 stream and norms it; mlp2 sums the experts into that stream,
-        which is returned in float32 (the next norm rounds it to the model's dtype)."""
+    def _moe(self, layer: int, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The MoE block and both residual adds. x is the residual stream (the embeddings at layer 0, float32
+        after), `attention` the out-projection not yet added to it. One kernel (norm_router) adds them as the
+        model's bf16 add does, writes the sum to a new float32 stream, norms it and routes it; the experts are
+        summed into the stream in place, which is returned (the next norm rounds it to the model's dtype).
+        Against bf16 adds between layers, this saves a copy of the residual to float32 and a cast back a layer."""
         c, p = self.config, f"block.{layer}.mlp."
         weights = [self.w[p + name] for name in ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias",
                                                    "mlp2_weight.blocks", "mlp2_weight.scales", "mlp2_bias")]
-        swiglu = dict(swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
-        if attention is not None:
-            stream = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-            t = add_rmsnorm(x, attention, self.w[p + "norm.scale"], c.rms_norm_eps, stream=stream)
-            ids, route = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,
-                                round_logits=t.dtype == torch.bfloat16)
-            return moe(t, ids, route, *weights, **swiglu, out=stream)
-        # At decode the norm also writes the MoE GEMV's input layout, saving the GEMV a launch.
-        x_gemv = None
+        stream = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        x_gemv = None  # at decode the MoE GEMV's input layout, written by the same kernel
         if uses_gemv(x.shape[0], c.experts_per_token, x.device):
             x_gemv = torch.empty(x.shape[0], 8, x.shape[1] // 8, dtype=torch.float32, device=x.device)
-        t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, gemv_out=x_gemv)
-        ids, route = router(t, self.w[p + "gate.weight"], self.w[p + "gate.bias"], c.experts_per_token,
-                            round_logits=t.dtype == torch.bfloat16)
-        return moe(t, ids, route, *weights, **swiglu, x_gemv=x_gemv, residual=x)
+        t, ids, route = norm_router(x, attention, self.w[p + "norm.scale"], c.rms_norm_eps, self.w[p + "gate.weight"],
+                                    self.w[p + "gate.bias"], c.experts_per_token, stream=stream, gemv_out=x_gemv,
+                                    round_logits=attention.dtype == torch.bfloat16)
+        return moe(t, ids, route, *weights, swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit,
+                   x_gemv=x_gemv, out=stream)
 
     def weights_bytes(self) -> int:
         seen, total = set(), 0

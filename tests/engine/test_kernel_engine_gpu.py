@@ -8,9 +8,12 @@ with the reference preferring its token by 0.19 (logits' RMS 1.0). So "equal for
 random weights for any two correct bf16 implementations, the reference included. What is checked instead:
 
 * calibration: the kernels' logits are typically (median over the steps) no farther from the reference's
-  than 2x the reference's own distance to itself with the other prefill chunking, step by step on the same
+  than 3x the reference's own distance to itself with the other prefill chunking, step by step on the same
   tokens, or 5 % where that distance is ~0 (a model that is not chaotic: the tiny one on a CPU gives 1.8 %);
-  a wrong kernel lands near sqrt(2) (unrelated logits), far above;
+  a wrong kernel lands near sqrt(2) (unrelated logits), far above. Why 3x: the kernels round at more points
+  than the twin differs in, and the MoE's float32 atomics sum in another order every run, so their median
+  moves from run to run: 0.23-0.32 on the H100 over the runs of BENCHMARKS.md, twin ~0.13, and the
+  2x of earlier sessions (0.267) sat inside that spread;
 * every flip of a greedy pick is a near-tie: the reference's gap between its token and the kernels' is within
   NEAR_TIE_SIGMAS standard deviations of the difference of two logits' errors at that step, i.e.
   gap <= 4 x sqrt(2) x RMS(kernel logits - reference logits). 4, not 3, because the kernels' pick is the
@@ -31,7 +34,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 NEAR_TIE_SIGMAS = 4  # see the module docstring
-NOISE_FACTOR = 2  # kernels' median logit error <= this x the reference's own (other chunking) median
+NOISE_FACTOR = 3  # kernels' median logit error <= this x the reference's own (other chunking) median
 NOISE_FLOOR = 0.05  # ... or this, the kernels' whole-model bound where the model is not chaotic (tests/kernels)
 STEPS = 64  # greedy tokens compared after the prompt's own pick
 

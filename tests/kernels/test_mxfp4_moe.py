@@ -65,6 +65,19 @@ def test_moe_gemv_adds_the_residual(device, dtype, split_k):
     assert rel_error(out, residual + reference.moe(x, ids, weights, *w)) < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
+def test_moe_gemv_sums_into_a_float32_stream_in_place(device):
+    # As the grouped kernel does (below): at decode too the residual stream between layers is float32.
+    x, ids, weights, w = random_moe(tokens=2, hidden=64, inter=96, experts=4, topk=2, dtype=torch.bfloat16,
+                                    device=device)
+    stream = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).to(device)
+    before = stream.clone()
+    out = moe_gemv(x, ids, weights, *w, out=stream)
+    assert out is stream and out.dtype == torch.float32
+    assert rel_error(out, before + reference.moe(x, ids, weights, *w).float()) < 1e-2
+    with pytest.raises(AssertionError):  # a bf16 buffer would silently round the sums
+        moe_gemv(x, ids, weights, *w, out=torch.zeros_like(x))
+
+
 def test_moe_gemv_with_row_blocks_past_the_end(device):
     # hidden 96 over blocks of 64 rows (mlp2) and 2 * 96 rows over blocks of 128 (mlp1): masked rows.
     x, ids, weights, w = random_moe(tokens=2, hidden=96, inter=96, experts=4, topk=2, dtype=torch.float32,

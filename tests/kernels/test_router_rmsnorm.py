@@ -6,7 +6,7 @@ import torch
 from kubrick.engine.kernels import reference
 from kubrick.engine.kernels.moe_gemv import gemv_layout
 from kubrick.engine.kernels.rmsnorm import add_rmsnorm, rmsnorm
-from kubrick.engine.kernels.router import router
+from kubrick.engine.kernels.router import norm_router, router
 
 from .helpers import rel_error
 
@@ -89,3 +89,40 @@ def test_router_can_round_logits_to_bf16_like_a_bf16_matmul(device):
     # The chosen rounded logits are the two largest rounded logits (ties may pick either expert).
     assert torch.equal(rounded.gather(1, ids.long()), rounded.topk(2, dim=-1).values)
     assert rel_error(weights, ref_weights) < 1e-5
+
+
+@pytest.mark.parametrize("tokens,hidden,gemv", [(1, 600, True), (3, 96, True), (5, 200, False)])
+def test_norm_router_is_the_residual_add_the_norm_and_the_router_in_one_launch(device, tokens, hidden, gemv):
+    # 1 token of 600 splits the row over several programs (the last to arrive takes the top-k); the others
+    # use one program per token. It must give what add_rmsnorm then router give, and fill every output.
+    gen = torch.Generator().manual_seed(tokens + hidden)
+    x = (torch.randn(tokens, hidden, generator=gen) * 4).to(device)  # the float32 stream of the last layer
+    y = torch.randn(tokens, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
+    norm_w = torch.randn(hidden, generator=gen).to(device)
+    w = torch.randn(32, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
+    b = torch.randn(32, generator=gen).to(device=device, dtype=torch.bfloat16)
+    stream = torch.full((tokens, hidden), float("nan"), device=device)
+    x_gemv = torch.full((tokens, 8, hidden // 8), float("nan"), device=device) if gemv else None
+    for _ in range(2):  # twice: the arrival counters must be left ready for the next launch
+        t, ids, weights = norm_router(x, y, norm_w, 1e-5, w, b, 4, stream=stream, gemv_out=x_gemv, round_logits=True)
+        h = x.to(torch.bfloat16) + y
+        assert torch.equal(stream, h.float())
+        assert t.dtype == torch.bfloat16 and rel_error(t, reference.rmsnorm(h, norm_w)) < 1e-2
+        if gemv:
+            torch.testing.assert_close(x_gemv, gemv_layout(t), rtol=0, atol=0)
+        rounded = (t.float() @ w.float().T + b.float()).to(torch.bfloat16).float()
+        assert torch.equal(rounded.gather(1, ids.long()), rounded.topk(4, dim=-1).values)
+        _, ref_weights = reference.router(t, w, b, 4, round_logits=True)
+        assert rel_error(weights, ref_weights) < 1e-5
+
+
+def test_norm_router_without_an_add_norms_x_itself(device):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 96, generator=gen).to(device=device, dtype=torch.bfloat16)
+    norm_w = torch.randn(96, generator=gen).to(device)
+    w = torch.randn(8, 96, generator=gen).to(device=device, dtype=torch.bfloat16)
+    b = torch.zeros(8, device=device, dtype=torch.bfloat16)
+    t, ids, _ = norm_router(x, None, norm_w, 1e-5, w, b, 2)
+    assert rel_error(t, reference.rmsnorm(x, norm_w)) < 1e-2
+    logits = t.float() @ w.float().T
+    assert torch.allclose(logits.gather(1, ids.long()), logits.topk(2, dim=-1).values, rtol=1e-5, atol=1e-5)

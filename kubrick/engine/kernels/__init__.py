@@ -4,6 +4,7 @@ Kernel (module)                         what it computes                        
 rmsnorm.rmsnorm                         RMSNorm, float32 statistics                        reference.rmsnorm
 rmsnorm.add_rmsnorm                     residual add as bf16 adds, float32 sum, RMSNorm    reference.rmsnorm(x + y)
 router.router                           x W^T + b, top-k, softmax over the k               reference.router
+router.norm_router                      (residual add,) RMSNorm and router in one launch   reference.rmsnorm, .router
 rope.rope_and_cache                     QKV split + YaRN RoPE + KV-cache write             reference.rope_and_cache
 moe_gemv.moe_gemv                       MXFP4 MoE for few tokens (decode)                  reference.moe
 moe_grouped.moe_grouped                 MXFP4 MoE for many tokens (prefill), expert tiles  reference.moe
@@ -45,12 +46,11 @@ def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
 
     x_gemv: x in the GEMV's input layout, used when the GEMV path runs (see uses_gemv).
     residual: return residual + moe(x) (the GEMV adds it in its last kernel).
-    out: the grouped path only: a float32 buffer holding the residual, summed into in place and returned.
+    out: a float32 buffer holding the residual (the float32 stream), summed into in place and returned.
     """
     from kubrick.engine.kernels.moe_gemv import moe_gemv
     from kubrick.engine.kernels.moe_grouped import moe_grouped
 
     if uses_gemv(*expert_ids.shape, x.device):
-        assert out is None, "the GEMV path adds the residual itself: pass residual, not out"
-        return moe_gemv(x, expert_ids, expert_weights, *weights, x_gemv=x_gemv, residual=residual, **kwargs)
+        return moe_gemv(x, expert_ids, expert_weights, *weights, x_gemv=x_gemv, residual=residual, out=out, **kwargs)
     return moe_grouped(x, expert_ids, expert_weights, *weights, residual=residual, out=out, **kwargs)

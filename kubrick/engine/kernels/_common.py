@@ -122,6 +122,51 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 x rounded to DTYPE's precision, kept in float32 (bf16 by hand: the interpreter truncates)."""
+    if DTYPE == tl.bfloat16:
+        return round_to_bf16(x)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+# "The last program to arrive finishes the job": programs that each compute a part (a split of K, of the keys)
+# count themselves in on an int32 counter, and the one that finds count - 1 arrivals before it combines the
+# parts, which saves a second launch for the combine. The counters live in one zeroed buffer per device that
+# every such kernel leaves zeroed (the last program resets its counter), so CUDA graphs replay them as is.
+COUNTER_SLOTS = 1 << 16
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """The device's zeroed int32 counters (created at the first call, before any CUDA-graph capture)."""
+    if needed > COUNTER_SLOTS:
+        raise ValueError(f"{needed} arrival counters wanted, only {COUNTER_SLOTS} exist")
+    key = (device.type, device.index if device.type != "cuda" or device.index is not None
+           else torch.cuda.current_device())
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, programs: tl.constexpr):
+    """Count this program in; True for the last of `programs` to arrive, which resets the counter to 0.
+
+    The barrier orders every thread's stores of its part before the release of the one atomic add; the last
+    program's acquire then sees all the parts, which it must load past L1 (cache_modifier=".cg"): L1 is not
+    coherent, and may hold the same addresses from the last launch."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == programs - 1
+    if last:
+        tl.store(counter_ptr, 0)
+    return last
+
+
+@triton.jit
 def e2m1_over_16384(nibble):
     """Decode E2M1 fp4 codes (int32 0..15) to float32, divided by 2**14 (callers fold 2**14 into the scale).
 

@@ -213,12 +213,15 @@ def moe_gemv(
     config: dict | None = None,
     x_gemv: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The MoE block for a few tokens: x [T, H] -> [T, H] in x's dtype (see kernels.reference.moe).
 
     `config` overrides entries of the block table (BLOCK_I, BLOCK_N, BLOCK_K, num_warps). `x_gemv`: x already
-    in GEMV layout (`gemv_layout(x)`, or written by rmsnorm), which saves a launch. `residual` [T, H]: return
-    residual + moe(x) instead, the sum mlp2 adds into starting from it (one launch less than adding it after).
+    in GEMV layout (`gemv_layout(x)`, or written by rmsnorm / norm_router), which saves a launch. `residual`
+    [T, H]: return residual + moe(x) instead, the sum mlp2 adds into starting from it (one launch less than
+    adding it after). `out`: a float32 [T, H] buffer holding the residual (the float32 stream): the block is
+    summed into it in place and it is returned as it is (no launch to copy the residual in, none to cast).
     """
     tokens, hidden = x.shape
     topk = expert_ids.shape[1]
@@ -244,7 +247,10 @@ def moe_gemv(
     k_per_split = triton.cdiv(triton.cdiv(inter, split_k), block_k) * block_k
     # Every (slot, split) program adds into a float32 sum, which starts as the residual if there is one (then
     # the MoE output is not rounded to x's dtype before the residual is added: a difference within bf16).
-    if residual is not None:
+    stream = out is not None
+    if stream:
+        assert residual is None and out.dtype == torch.float32 and out.is_contiguous() and out.shape == x.shape
+    elif residual is not None:
         out = residual.to(torch.float32, copy=True)
     else:
         out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
@@ -254,7 +260,7 @@ def moe_gemv(
         HIDDEN=hidden, INTER=inter, TOPK=topk, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
         num_warps=cfg["num_warps"],
     )
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out if stream or out.dtype == x.dtype else out.to(x.dtype)
 
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}

@@ -18,19 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import round_to_bf16
+from kubrick.engine.kernels._common import round_to
 from kubrick.engine.kernels.moe_gemv import X_SCALE
 
 
 @triton.jit
-def _round_to(x, DTYPE: tl.constexpr):
-    """float32 x rounded to DTYPE's precision, kept in float32 (bf16 by hand: the interpreter truncates)."""
-    if DTYPE == tl.bfloat16:
-        return round_to_bf16(x)
-    elif DTYPE == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
+def residual_sum(x_ptr, y_ptr, row, stride_x, stride_y, cols, mask, ADD: tl.constexpr, DTYPE: tl.constexpr):
+    """Row `row`'s columns `cols` of x (+ y) as the model sees them: x rounded to DTYPE (x may be the float32
+    stream), then torch's x + y in DTYPE (a float32 sum rounded once) -> float32."""
+    x = round_to(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    if ADD:
+        x = round_to(x + tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    return x
 
 
 @triton.jit
@@ -40,9 +39,7 @@ def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, stream_ptr, stride_x, stride_y
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
-    x = _round_to(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
-    if ADD:  # torch's x + y in the model's dtype: a float32 sum rounded once
-        x = _round_to(x + tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32), DTYPE)
+    x = residual_sum(x_ptr, y_ptr, row, stride_x, stride_y, cols, mask, ADD, DTYPE)
     if STREAM:
         tl.store(stream_ptr + row * n_cols + cols, x, mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
