@@ -67,6 +67,20 @@ def main() -> None:
         for kernel, times in sorted(compiles.items(), key=lambda kv: -sum(kv[1])):
             print(f"  {kernel}: {len(times)}, {sum(times):.0f} ms")
     delivers = [e for e in events if e["ev"] == "deliver"]
+    responds = [e for e in events if e["ev"] == "respond"]
+    if responds:  # a trace of the Triton server: its response thread's sends
+        print(f"  respond (server) {spread([e['ms'] for e in responds])}; responses a batch "
+              f"{spread([e['n'] for e in responds])}")
+        ends = sorted(e["t"] + e["ms"] / 1e3 for e in responds)
+        lags = []  # a delivery's end -> the end of the first send batch after it: text waiting on the server
+        for d in delivers:
+            done = d["t"] + d["ms"] / 1e3
+            later = next((end for end in ends if end >= done), None)  # (linear: traces are short)
+            if later is not None:
+                lags.append((later - done) * 1e3)
+        print(f"  delivered -> sent {spread(lags)}")
+        gaps_sent = [(b - a) * 1e3 for a, b in zip(ends, ends[1:])]
+        print(f"gaps between send batches, ms: {spread(gaps_sent)}")
     gaps = [(b["t"] - a["t"], a, b) for a, b in zip(delivers, delivers[1:])]
     print(f"gaps between deliveries, ms: {spread([g * 1e3 for g, _, _ in gaps])}")
     print(f"the {args.worst} longest, with what ran inside them (t in ms from the earlier delivery):")

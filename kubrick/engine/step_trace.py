@@ -10,6 +10,8 @@ Set KUBRICK_STEP_TRACE to a file path and the engine thread appends one JSON lin
       thread stops), from gc.callbacks
   {"ev": "compile", "t": start, "ms": time, "kernel": name}: Triton compiling (or loading from its disk cache)
       a kernel for arguments it has not seen in this process, in whatever step needed it
+  {"ev": "respond", "t": start, "ms": time sending, "n": responses sent}: the Triton model's response thread
+      taking what the engine delivered and sending it to the clients (another thread: add() takes a lock)
 t is time.perf_counter() in seconds. Lines are buffered and written every 512 events and when the scheduler
 stops, so tracing costs the engine thread a few microseconds an event. `scripts/step_trace.py FILE` summarises.
 A path that cannot be written turns tracing off with one warning: a diagnostic must never fail a request.
@@ -21,6 +23,7 @@ import gc
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ class StepTrace:
     def __init__(self, path: Path):
         self.path: Path | None = path  # None once writing failed: tracing is off
         self._events: list[dict] = []
+        self._lock = threading.Lock()  # the engine thread and the server's response thread both add events
         self._hooks: tuple | None = None  # Triton's JIT hooks while this trace watches compiles
         self._gc_callback = None
 
@@ -97,14 +101,18 @@ class StepTrace:
         """One event that began at `start` (perf_counter) and ends now."""
         if self.path is None:
             return
-        self._events.append(dict(ev=ev, t=round(start, 6), ms=round((time.perf_counter() - start) * 1e3, 3), **fields))
-        if len(self._events) >= 512:
+        event = dict(ev=ev, t=round(start, 6), ms=round((time.perf_counter() - start) * 1e3, 3), **fields)
+        with self._lock:
+            self._events.append(event)
+            full = len(self._events) >= 512
+        if full:
             self.flush()
 
     def flush(self) -> None:
-        events, self._events = self._events, []
-        if events:
-            self._write(events)
+        with self._lock:
+            events, self._events = self._events, []
+            if events:
+                self._write(events)
 
     def _write(self, events: list[dict]) -> None:
         if self.path is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -358,3 +359,23 @@ def test_serve_reports_a_kv_cache_of_the_size_asked_for_and_the_flags_win(clean_
     assert 0 < int(size.group(1)) <= 64 and size.group(2, 3) == ("8", "128")
     events = stream_events(url, messages("hello"), {"temperature": 0, "max_tokens": 4})
     assert events[-1]["type"] == "complete"
+
+
+@pytest.mark.slow
+def test_the_step_trace_of_a_server_records_its_sends_and_the_summary_reads_them(clean_env, serving):
+    # KUBRICK_STEP_TRACE inside tritonserver: the engine's steps and the response thread's sends to the clients,
+    # so the time text waits between the engine and the client can be told apart from the engine's own gaps.
+    trace = clean_env / "trace.jsonl"
+    serve = serving("--max-batch", "4", cwd=clean_env, env={"KUBRICK_STEP_TRACE": str(trace)})
+    url = serve.wait_for_url()
+    replies = [stream_events(url, messages(text), {"temperature": 0, "max_tokens": 6}) for text in ("hello", "hi")]
+    assert all(events[-1]["type"] == "complete" for events in replies)
+    serve.process.send_signal(signal.SIGTERM)  # the trace is written when the scheduler stops
+    serve.process.wait(timeout=60)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    sends = [e for e in lines if e["ev"] == "respond"]
+    assert sum(e["n"] for e in sends) >= sum(len(events) for events in replies)  # every event went out through it
+    assert any(e["ev"] == "deliver" for e in lines)
+    summary = subprocess.run([sys.executable, "scripts/step_trace.py", str(trace)], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).parents[2]).stdout
+    assert "respond (server)" in summary and "delivered -> sent" in summary
