@@ -1,15 +1,16 @@
 """Fused RMSNorm: one program per row, float32 statistics, output in the model's dtype (one read, one write).
 
-Before the MoE at decode it can also write its output in the MoE GEMV's input layout (kernels/moe_gemv.py),
-which saves the GEMV a launch of its own.
+It can also write its output in the MoE GEMV's input layout (kernels/moe_gemv.py), which saves the GEMV a
+launch of its own.
 
-Between layers of many tokens the residual stream is kept in float32 (the grouped MoE sums its experts into
-it, see FastTransformer._moe), so these kernels also take the jobs of three small torch launches a layer:
+Between layers the residual stream is kept in float32 (the MoE kernels sum their experts into it, see
+FastTransformer._moe), so these kernels also do the model's bf16 adds and casts around it:
   rmsnorm(stream, dtype=bf16)       rounds the stream to the model's dtype before the statistics (the cast
-                                    after the MoE);
+                                    after the MoE); the model norms the attention's input this way;
   add_rmsnorm(x, y, w, stream=s)    h = x + y as the model adds in its dtype (the residual add after the
                                     attention), writes h to s in float32 (the MoE's accumulator, no copy) and
-                                    returns RMSNorm(h).
+                                    returns RMSNorm(h). The model uses router.norm_router, which does the same
+                                    and routes h in the same launch; `residual_sum` is their shared add.
 """
 
 from __future__ import annotations
