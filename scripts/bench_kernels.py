@@ -342,7 +342,8 @@ LINEAR_SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w)
 
 def sweep_linear(layers: int) -> list[dict]:
     """kernels.linear's one-token GEMV over block sizes against F.linear (cuBLAS), at the out-projection and QKV
-    shapes, bias and residual included as the model calls it."""
+    shapes, bias and a residual added in the kernel (as the model's out-projection did before norm_router took the
+    residual add)."""
     import torch.nn.functional as F
 
     from kubrick.engine.kernels.linear import linear

@@ -144,8 +144,10 @@ def arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     """The device's zeroed int32 counters (created at the first call, before any CUDA-graph capture)."""
     if needed > COUNTER_SLOTS:
         raise ValueError(f"{needed} arrival counters wanted, only {COUNTER_SLOTS} exist")
-    key = (device.type, device.index if device.type != "cuda" or device.index is not None
-           else torch.cuda.current_device())
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    key = (device.type, index)
     if key not in _COUNTERS:
         _COUNTERS[key] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
     return _COUNTERS[key]
