@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kubrick.engine.config import ModelConfig
+from kubrick.engine.cuda_graphs import capture, warm_up
 from kubrick.engine.kernels import moe, uses_gemv
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill, pick_splits
@@ -275,15 +276,12 @@ class CudaGraphDecoder:
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         # Warm-up and capture write keys/values at the last cache row, which no prompt has reached yet.
         self.position = torch.full((1,), cache.capacity - 1, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compiles every kernel outside the capture
-                model.decode_step(self.token, self.position, cache)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.decode_step(self.token, self.position, cache)
+
+        def decode():
+            return model.decode_step(self.token, self.position, cache)
+
+        warm_up(device, decode)
+        self.graph, self.logits = capture(decode)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token: int64 tensor [1] on the device (e.g. the previous step's argmax) -> logits [1, vocab]."""
@@ -339,15 +337,12 @@ class CudaGraphBatchDecoder:
         self.graphs, self.logits, pool = {}, {}, None
         for bucket in self.buckets:
             tokens, positions = self.tokens[:bucket], self.positions[:bucket]
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles every kernel outside the capture
-                    model.decode_batch(tokens, positions, cache)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bucket] = model.decode_batch(tokens, positions, cache)
+
+            def decode(tokens=tokens, positions=positions):
+                return model.decode_batch(tokens, positions, cache)
+
+            warm_up(device, decode)
+            graph, self.logits[bucket] = capture(decode, pool)
             pool = graph.pool()
             self.graphs[bucket] = graph
 
@@ -537,15 +532,12 @@ class PagedGraphDecoder:
                 window: pick_splits(bucket, c.num_key_value_heads, keys, block_n, device)
                 for window, keys in ((0, max_blocks * page), (c.sliding_window, min(c.sliding_window, max_blocks * page)))
             }
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles every kernel outside the capture
-                    model._paged_layers(step, cache, last_rows=False)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bucket] = model._paged_layers(step, cache, last_rows=False)
+
+            def layers(step=step):
+                return model._paged_layers(step, cache, last_rows=False)
+
+            warm_up(device, layers)
+            graph, self.logits[bucket] = capture(layers, pool)
             pool = graph.pool()
             self.graphs[bucket] = graph
             self.steps[bucket] = step

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kubrick.engine.cuda_graphs import capture, warm_up
 from kubrick.engine.paged_cache import PagedKVCache
 
 if TYPE_CHECKING:
@@ -50,18 +51,10 @@ class PagedMixedGraphs:
         pool = None
         for bucket in self.buckets:
             pieces = self._pieces(model, bucket)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles every kernel outside the capture
-                    for piece in pieces:
-                        piece()
-            torch.cuda.current_stream(device).wait_stream(side)
+            warm_up(device, lambda pieces=pieces: [piece() for piece in pieces])
             graphs = []
             for piece in pieces:  # one pool: the pieces replay one after another, never at once
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    piece()
+                graph, _ = capture(piece, pool)
                 pool = graph.pool()
                 graphs.append(graph)
             self.graphs[bucket] = graphs
