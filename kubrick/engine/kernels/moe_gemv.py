@@ -37,6 +37,13 @@ X_SCALE: tl.constexpr = tl.constexpr(2.0**64)  # the activations' factor in GEMV
 
 
 @triton.jit
+def store_gemv_layout(row_ptr, cols, values, K, mask):
+    """Columns `cols` of one row of K activations (float32) into that row's GEMV layout: times 2**64, at
+    [col % 8, col // 8]. What rmsnorm, norm_router and mlp1 write for the GEMVs that read them."""
+    tl.store(row_ptr + (cols % 8) * (K // 8) + cols // 8, values * X_SCALE, mask=mask)
+
+
+@triton.jit
 def _e8m0(scale):
     return (scale << 23).to(tl.float32, bitcast=True)
 
@@ -120,7 +127,7 @@ def _gemv_layout_kernel(x_ptr, stride_x, xt_ptr, K: tl.constexpr, BLOCK: tl.cons
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + token * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-    tl.store(xt_ptr + token * K + (cols % 8) * (K // 8) + cols // 8, x * X_SCALE, mask=cols < K)
+    store_gemv_layout(xt_ptr + token * K, cols, x, K, cols < K)
 
 
 def gemv_layout(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,9 +161,9 @@ def _mlp1_swiglu_gemv_kernel(
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     out = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    out = out.to(H_DTYPE).to(tl.float32) * X_SCALE  # h as the reference rounds it, in GEMV layout
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    tl.store(ht_ptr + pair * INTER + (i % 8) * (INTER // 8) + i // 8, out, mask=i < INTER)
+    # h as the reference rounds it, in GEMV layout
+    store_gemv_layout(ht_ptr + pair * INTER, i, out.to(H_DTYPE).to(tl.float32), INTER, i < INTER)
 
 
 @triton.jit

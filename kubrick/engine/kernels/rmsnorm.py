@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kubrick.engine.kernels._common import round_to
-from kubrick.engine.kernels.moe_gemv import X_SCALE
+from kubrick.engine.kernels.moe_gemv import store_gemv_layout
 
 
 @triton.jit
@@ -47,9 +47,8 @@ def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, stream_ptr, stride_x, stride_y
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     y = x * inv_rms * w
     tl.store(out_ptr + row * stride_out + cols, y.to(DTYPE), mask=mask)
-    if GEMV:  # float32 times 2**64 at [col % 8, col // 8]: moe_gemv.gemv_layout
-        tl.store(gemv_ptr + row * n_cols + (cols % 8) * (n_cols // 8) + cols // 8,
-                 y.to(DTYPE).to(tl.float32) * X_SCALE, mask=mask)
+    if GEMV:
+        store_gemv_layout(gemv_ptr + row * n_cols, cols, y.to(DTYPE).to(tl.float32), n_cols, mask)
 
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kubrick.engine.kernels._common import arrival_counters, last_to_arrive, num_sms, round_to, round_to_bf16
-from kubrick.engine.kernels.moe_gemv import X_SCALE
+from kubrick.engine.kernels.moe_gemv import _TL_DTYPE, store_gemv_layout
 from kubrick.engine.kernels.rmsnorm import residual_sum
 
 
@@ -62,8 +62,8 @@ def _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, token, 
         tl.store(t_ptr + token * hidden + cols, t.to(DTYPE), mask=valid_k)
         if STREAM:
             tl.store(stream_ptr + token * hidden + cols, h, mask=valid_k)
-        if GEMV:  # float32 times 2**64 at [col % 8, col // 8]: moe_gemv.gemv_layout
-            tl.store(gemv_ptr + token * hidden + (cols % 8) * (hidden // 8) + cols // 8, t * X_SCALE, mask=valid_k)
+        if GEMV:
+            store_gemv_layout(gemv_ptr + token * hidden, cols, t, hidden, valid_k)
     else:
         t = tl.load(x_ptr + token * stride_x + cols, mask=valid_k, other=0.0).to(tl.float32)
     return t
@@ -181,5 +181,3 @@ def norm_router(
     ids, weights = _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gemv_out)
     return t, ids, weights
 
-
-_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
