@@ -257,9 +257,21 @@ PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_F
 ]
 
 
-def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
-    """The grouped MoE over SMALL_SWEEP, SMALL_MLP2 and SMALL_MLP1 (up to 128 tokens), MID_SWEEP (up to 1024)
-    or PREFILL_FAST, and ONE_DOT_SWEEP, beside the table's choice and, for few tokens, the GEMV's."""
+W_FIRST_SWEEP = [  # FAST_FP4 with the weights as the dot's first operand (wgmma's register one on sm90)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, W_FIRST=True,
+         MLP2=dict(BLOCK_N=n2, num_warps=w2))
+    for m, n, k, w, st, n2, w2 in (  # the first twelve: the sweep of 2026-11-23 (BENCHMARKS.md); the rest not run yet
+        (16, 32, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 128, 4), (16, 128, 128, 8, 3, 128, 4),
+        (32, 64, 128, 4, 3, 128, 4), (32, 128, 128, 8, 3, 128, 4), (64, 64, 128, 4, 3, 128, 4), (64, 64, 64, 4, 4, 128, 4),
+        (64, 64, 256, 4, 2, 128, 4), (64, 128, 64, 8, 3, 256, 8), (128, 64, 128, 4, 3, 128, 4), (128, 128, 128, 8, 3, 256, 8),
+        (64, 64, 64, 8, 4, 128, 8), (64, 64, 32, 4, 5, 128, 4), (64, 32, 64, 4, 4, 64, 4), (128, 64, 64, 4, 4, 128, 4),
+        (128, 64, 64, 8, 4, 128, 8),
+    )
+]
+
+
+def _sweep_moe(label: str, layers: int, token_counts: tuple[int, ...], runs_for) -> list[dict]:
+    """Time each (name, fn, config) of runs_for(tokens) at each token count, as % of copy and TFLOP/s."""
     rows = []
     bandwidth = copy_bandwidth()
     experts = moe_weights(layers)
@@ -268,24 +280,40 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
         routes = [routing(tokens, seed) for seed in range(layers)]
         nbytes = sum(int(ids.unique().numel()) for ids, _ in routes) / layers * mxfp4_expert_bytes()
         flops = 2 * tokens * TOPK * (HIDDEN * 2 * INTER + INTER * HIDDEN)
+        for name, fn, cfg in runs_for(tokens):
+            calls = [lambda r=r, w=w, fn=fn, cfg=cfg: fn(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+            try:
+                us = time_per_call(calls, replays=5 if tokens > 128 else 20) * 1e6
+            except Exception as exc:  # a block shape can overflow shared memory or registers
+                print(f"{label} {name} T={tokens} {cfg}: failed: {str(exc).splitlines()[0][:120]}", flush=True)
+                continue
+            pct = 100 * nbytes / (us / 1e6) / bandwidth
+            rows.append(dict(kernel=name, tokens=tokens, config=cfg or "table", us=us, pct_copy=pct,
+                             tflops=flops / us / 1e6))
+            print(f"{label} {name} T={tokens} {cfg or '(table)'}: {us:.1f} us  {pct:.0f}% of copy  "
+                  f"{flops / us / 1e6:.0f} TFLOP/s", flush=True)
+    return rows
+
+
+def sweep_w_first(layers: int, token_counts: tuple[int, ...] = (16, 64, 128, 256, 512, 1024, 2048)) -> list[dict]:
+    """The grouped MoE over W_FIRST_SWEEP beside the table's choice (what moe() would run) at each token count."""
+    def runs_for(tokens):
+        return [("moe_grouped", moe_grouped, cfg) for cfg in [None] + W_FIRST_SWEEP
+                if not cfg or not (tokens >= 1024 and cfg["BLOCK_M"] < 64 or tokens <= 64 and cfg["BLOCK_M"] > 64)]
+    return _sweep_moe("w_first", layers, token_counts, runs_for)
+
+
+def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
+    """The grouped MoE over SMALL_SWEEP, SMALL_MLP2 and SMALL_MLP1 (up to 128 tokens), MID_SWEEP (up to 1024)
+    or PREFILL_FAST, and ONE_DOT_SWEEP, beside the table's choice and, for few tokens, the GEMV's."""
+    def runs_for(tokens):
         configs = SMALL_SWEEP + SMALL_MLP2 + SMALL_MLP1 if tokens <= 128 else MID_SWEEP if tokens <= 1024 else PREFILL_FAST
         configs = configs + [c for c in ONE_DOT_SWEEP if (c["BLOCK_M"] == 16) == (tokens <= 128)]
         runs = [("moe_grouped", moe_grouped, cfg) for cfg in [None] + configs]
         if tokens * TOPK <= 64:
             runs.insert(0, ("moe_gemv", moe_gemv, None))
-        for name, fn, cfg in runs:
-            calls = [lambda r=r, w=w, fn=fn, cfg=cfg: fn(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
-            try:
-                us = time_per_call(calls, replays=5 if tokens > 128 else 20) * 1e6
-            except Exception as exc:  # a block shape can overflow shared memory or registers
-                print(f"sweep {name} T={tokens} {cfg}: failed: {str(exc).splitlines()[0][:120]}", flush=True)
-                continue
-            pct = 100 * nbytes / (us / 1e6) / bandwidth
-            rows.append(dict(kernel=name, tokens=tokens, config=cfg or "table", us=us, pct_copy=pct,
-                             tflops=flops / us / 1e6))
-            print(f"sweep {name} T={tokens} {cfg or '(table)'}: {us:.1f} us  {pct:.0f}% of copy  "
-                  f"{flops / us / 1e6:.0f} TFLOP/s", flush=True)
-    return rows
+        return runs
+    return _sweep_moe("sweep", layers, token_counts, runs_for)
 
 
 def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 192, 256, 320, 384, 448, 512)) -> list[dict]:
@@ -461,6 +489,8 @@ def main() -> None:
     parser.add_argument("--sweep-linear", action="store_true", help="also time the one-token linear GEMV vs cuBLAS")
     parser.add_argument("--sweep-tables", action="store_true",
                         help="also time the grouped MoE's two block tables at 128-512 tokens (a mixed step's sizes)")
+    parser.add_argument("--sweep-w-first", action="store_true",
+                        help="also time the grouped MoE with the weights as the dot's first operand (W_FIRST)")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -478,6 +508,8 @@ def main() -> None:
         sweep_rows += sweep_linear(args.layers)
     if args.sweep_tables:
         sweep_rows += sweep_tables(args.layers)
+    if args.sweep_w_first:
+        sweep_rows += sweep_w_first(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:

@@ -149,6 +149,16 @@ def test_moe_grouped_with_gate_and_linear_rows_in_one_dot(device, dtype, bound, 
     assert rel_error(out, reference.moe(x, ids, weights, *w)) < bound
 
 
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_moe_grouped_with_the_weights_as_the_first_operand(device, dtype, bound):
+    # W_FIRST: W @ x^T summed transposed; hidden 96 over a 64-value step and inter 96 over 64 rows leave masked
+    # steps and blocks, 20 tokens over 16-pair tiles leave padded tiles.
+    x, ids, weights, w = random_moe(tokens=20, hidden=96, inter=96, experts=4, topk=2, dtype=dtype, device=device)
+    config = dict(DOT_SCALED=False, W_FIRST=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, MLP2=dict(BLOCK_N=64))
+    out = moe_grouped(x, ids, weights, *w, config=config)
+    assert rel_error(out, reference.moe(x, ids, weights, *w)) < bound
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_grouped_adds_the_residual_and_takes_its_own_mlp2_tile(device, dtype):
     x, ids, weights, w = random_moe(tokens=20, hidden=96, inter=64, experts=4, topk=2, dtype=dtype, device=device)
@@ -184,3 +194,6 @@ def test_moe_grouped_on_dot_scaled_and_fast_fp4_match_reference(device, tokens, 
     assert rel_error(out, expected) < 1e-2
     out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, FAST_FP4=True, BLOCK_M=block_m))
     assert rel_error(out, expected) < 1e-2  # the inline-PTX decode (FAST_FP4) on the tl.dot path
+    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, FAST_FP4=True, W_FIRST=True,
+                                                       BLOCK_M=block_m, BLOCK_N=64, num_warps=4))
+    assert rel_error(out, expected) < 1e-2  # the same, the weights as wgmma's register operand

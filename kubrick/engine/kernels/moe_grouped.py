@@ -158,10 +158,51 @@ def _dot_mxfp4(x, w_blocks, w_scales, rows, row_mask, b, b0, K_BYTES: tl.constex
 
 
 @triton.jit
+def _w_rows(w_blocks, w_scales, rows, row_mask, b0, K_BYTES: tl.constexpr, BLOCK_K: tl.constexpr,
+            DOT_DTYPE: tl.constexpr, FAST_FP4: tl.constexpr):
+    """W[rows] at K positions 2*b0 … 2*b0 + BLOCK_K, dequantised, rows first: [len(rows), BLOCK_K] (W_FIRST).
+    FAST_FP4: 2**-63 times the true weights."""
+    BYTES: tl.constexpr = BLOCK_K // 2
+    ROWS: tl.constexpr = rows.shape[0]
+    b = b0 + tl.arange(0, BYTES)
+    packed = tl.load(w_blocks + rows[:, None] * K_BYTES + b[None, :], mask=row_mask[:, None] & (b[None, :] < K_BYTES),
+                     other=0)
+    groups = b0 // 16 + tl.arange(0, BYTES // 16)  # whole 16-byte scale groups
+    scale = tl.load(w_scales + rows[:, None] * (K_BYTES // 16) + groups[None, :],
+                    mask=row_mask[:, None] & (groups[None, :] < K_BYTES // 16), other=0)
+    if FAST_FP4:
+        scale = tl.broadcast_to(mxfp4_scale_bf16(scale)[:, :, None], (ROWS, BYTES // 16, 16))
+        low, high = mxfp4_to_bf16(packed, tl.reshape(scale, (ROWS, BYTES)))
+    else:
+        scale = tl.broadcast_to(e8m0_times_16384(scale.to(tl.int32))[:, :, None], (ROWS, BYTES // 16, 16))
+        scale = tl.reshape(scale, (ROWS, BYTES))
+        packed = packed.to(tl.int32)
+        low = (e2m1_over_16384(packed & 15) * scale).to(DOT_DTYPE)
+        high = (e2m1_over_16384(packed >> 4) * scale).to(DOT_DTYPE)
+    return tl.reshape(tl.join(low, high), (ROWS, BLOCK_K))  # byte j holds K positions 2j (low), 2j + 1 (high)
+
+
+@triton.jit
 def _expert_matmul(x_ptr, x_rows, stride_x, valid_m, w_blocks, w_scales, w_rows, w_mask, acc,
                    K_BYTES: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   DOT_SCALED: tl.constexpr, FAST_FP4: tl.constexpr):
-    """acc + x[x_rows] @ W[w_rows]^T over the whole K, BLOCK_K values a step, on dot_scaled or our dequantise."""
+                   DOT_SCALED: tl.constexpr, FAST_FP4: tl.constexpr, W_FIRST: tl.constexpr = False):
+    """acc + x[x_rows] @ W[w_rows]^T over the whole K, BLOCK_K values a step, on dot_scaled or our dequantise.
+
+    W_FIRST: the dequantised weights are the dot's first operand, W[w_rows] @ x^T, summed transposed. On sm90
+    that is wgmma's register operand (which must be the first), and x^T its shared-memory one, loaded ahead by
+    the pipeliner; with the weights second, they go through shared memory at every step (what dot_scaled's
+    own lowering avoids the same way)."""
+    if W_FIRST:
+        acc_t = tl.zeros((w_rows.shape[0], acc.shape[0]), dtype=tl.float32)
+        for b0 in range(0, K_BYTES, BLOCK_K // 2):
+            k = 2 * b0 + tl.arange(0, BLOCK_K)
+            x_t = tl.load(x_ptr + x_rows[None, :] * stride_x + k[:, None],
+                          mask=valid_m[None, :] & (k[:, None] < 2 * K_BYTES), other=0.0).to(DOT_DTYPE)
+            w = _w_rows(w_blocks, w_scales, w_rows, w_mask, b0, K_BYTES, BLOCK_K, DOT_DTYPE, FAST_FP4)
+            acc_t = tl.dot(w, x_t, acc_t, input_precision=DOT_PRECISION)
+        if FAST_FP4:
+            acc_t = acc_t * X_SHIFT  # the weights came out 2**-63 too small
+        return acc + tl.trans(acc_t)
     for b0 in range(0, K_BYTES, BLOCK_K // 2):
         b = b0 + tl.arange(0, BLOCK_K // 2)
         if DOT_SCALED:
@@ -180,6 +221,7 @@ def _mlp1_swiglu_grouped_kernel(
     INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_SCALED: tl.constexpr = False, FAST_FP4: tl.constexpr = False, ONE_DOT: tl.constexpr = False,
+    W_FIRST: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
@@ -196,10 +238,11 @@ def _mlp1_swiglu_grouped_kernel(
         row_mask = rows < (expert + 1) * (2 * INTER)
         acc = _expert_matmul(x_ptr, tokens, stride_x, valid_m, w_blocks, w_scales, rows, row_mask,
                              tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32), K_BYTES, BLOCK_K, DOT_DTYPE,
-                             DOT_PRECISION, DOT_SCALED, FAST_FP4)
+                             DOT_PRECISION, DOT_SCALED, FAST_FP4, W_FIRST)
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         gate, lin = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
     else:
+        tl.static_assert(not W_FIRST, "W_FIRST runs with ONE_DOT")
         gate_rows = expert * (2 * INTER) + 2 * offs_n
         lin_rows = gate_rows + 1
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -230,7 +273,7 @@ def _mlp2_combine_grouped_kernel(
     h_ptr, pair_ids_ptr, tile_expert_ptr, route_w_ptr, w_blocks, w_scales, bias_ptr, out_ptr, stride_out,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_SCALED: tl.constexpr = False, FAST_FP4: tl.constexpr = False,
+    DOT_SCALED: tl.constexpr = False, FAST_FP4: tl.constexpr = False, W_FIRST: tl.constexpr = False,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
@@ -245,7 +288,7 @@ def _mlp2_combine_grouped_kernel(
     K_BYTES: tl.constexpr = INTER // 2
     acc = _expert_matmul(h_ptr, safe_pairs, INTER, valid_m, w_blocks, w_scales, rows, mask_n,
                          tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), K_BYTES, BLOCK_K, DOT_DTYPE, DOT_PRECISION,
-                         DOT_SCALED, FAST_FP4)
+                         DOT_SCALED, FAST_FP4, W_FIRST)
     y = acc + tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y * tl.load(route_w_ptr + safe_pairs, mask=valid_m, other=0.0).to(tl.float32)[:, None]
     tokens = safe_pairs // TOPK
@@ -301,10 +344,11 @@ def moe_grouped(
                   DOT_SCALED=cfg.get("DOT_SCALED", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     # FAST_FP4's inline PTX needs compiled bf16 dots (not the interpreter, not fp16 or fp32 activations).
     common["FAST_FP4"] = cfg.get("FAST_FP4", False) and dot_dtype == tl.bfloat16 and not common["DOT_SCALED"]
+    common["W_FIRST"] = cfg.get("W_FIRST", False) and not common["DOT_SCALED"]
     _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
-        ONE_DOT=cfg.get("ONE_DOT", False), **common,
+        ONE_DOT=cfg.get("ONE_DOT", False) or common["W_FIRST"], **common,
     )
     # mlp2 adds its experts' rows into float32 out, which starts as the residual: one rounding, one launch less.
     accumulate = out is not None
