@@ -15,6 +15,7 @@ import datetime
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from kubrick.engine.kernels.moe_grouped import moe_grouped  # noqa: E402
 from kubrick.engine.kernels.rmsnorm import rmsnorm  # noqa: E402
 from kubrick.engine.kernels.rope import rope_and_cache  # noqa: E402
 from kubrick.engine.kernels.router import router  # noqa: E402
+from kubrick.engine.kernels.sampling import sample  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOPK = 2880, 2880, 32, 4
 Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 64, 8, 64, 128
@@ -169,7 +171,33 @@ def bench(layers: int) -> tuple[list[dict], float]:
         flops = 4 * Q_HEADS * HEAD_DIM * pairs
         sec = time_per_call([lambda: attention_prefill(q, k, v, sinks, 0, window=window)] * layers, replays=5)
         add(f"attn_prefill T={n_tokens} window={window}", sec, flops=flops, note="prefill")
+    bench_sampling(add)
     return rows, bandwidth
+
+
+def bench_sampling(add, vocab: int = 201_088) -> None:
+    """The sampling kernel alone (graph replays), then sample_rows as the scheduler calls it, eagerly: host work,
+    the pinned copies of the rows' settings and, with top_p < 1, the batched sort included."""
+    from kubrick.engine.api import SamplingParams
+    from kubrick.engine.sampler import Sampler, sample_rows
+
+    for batch in (1, 64):
+        logits = torch.randn(batch, vocab, device="cuda", dtype=BF16)
+        ones, none = torch.ones(batch, device="cuda"), torch.full((batch,), float("-inf"), device="cuda")
+        keys = torch.arange(batch, device="cuda", dtype=torch.int64)
+        add(f"sample B={batch} (kernel)", time_per_call([lambda: sample(logits, ones, none, keys)] * 8),
+            batch * vocab * 2)
+        for top_p in (1.0, 0.9):
+            samplers = [Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=i)) for i in range(batch)]
+            for _ in range(3):
+                sample_rows(logits, samplers)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                sample_rows(logits, samplers)
+            torch.cuda.synchronize()
+            add(f"sample_rows B={batch} top_p={top_p}", (time.perf_counter() - start) / 20, batch * vocab * 2,
+                note="eager, host included")
 
 
 GEMV_SWEEP = [

@@ -12,10 +12,12 @@ Continuous batching (engines with a paged KV cache, `engine.paged`): every step
      (new requests are checked and rendered in arrival order, PREPARE_PER_STEP a step);
   2. plans at most `engine.step_tokens` tokens: one decode token for every request past its prompt, then
      prefill chunks (cut at KV-block boundaries) of the requests still reading their prompts, in arrival order;
-  3. runs them in one `engine.forward_batch` and samples each finished row with that request's own sampler,
-     Harmony parser, stop strings and max_tokens; finished requests leave the batch and free their blocks.
-  4. When every row is a greedy pick and the batch does not change, the next decode step is queued on the GPU
-     before this one's picks are read back, fed them there (`_chain`): the host's work for a step (text,
+  3. runs them in one `engine.forward_batch`, draws every finished row's token on the device in one go, each
+     with its request's own sampler (`sampler.sample_rows`: greedy, temperature, top-k, top-p, seed), and
+     applies its Harmony parser, stop strings and max_tokens; finished requests leave the batch and free their
+     blocks.
+  4. When the batch does not change, the next decode step is queued on the GPU before this one's picks are
+     read back, fed them there (`_chain`): the host's work for a step (text,
      stops, block tables, launches) then runs while the GPU computes, instead of between steps. A step with
      a prompt chunk streams the text of the picks in hand before it starts: it holds the host until the GPU
      is done, and a stream's longest wait would otherwise be that step plus the last.
@@ -99,13 +101,13 @@ class Scheduler:
 
     def __init__(self, engine: EngineLike, name: str = "kubrick-engine", chain: bool = True):
         self.engine = engine
-        self.chain = chain  # queue greedy decode steps behind each other (see _chain); off: one step at a time
+        self.chain = chain  # queue decode steps behind each other (see _chain); off: one step at a time
         self.batching = getattr(engine, "paged", None) is not None
         self._waiting: deque[RequestHandle] = deque()
         self._running: list = []  # RequestHandles (one at a time) or _Active requests (batched)
         self._prepared: dict[int, tuple] = {}  # waiting requests already checked: id -> (prompt, params, positions)
         self._pending: list[tuple[_Active, int]] = []  # sampled tokens whose text is still to be streamed
-        self._inflight: _Inflight | None = None  # a queued greedy step whose picks are not read back yet
+        self._inflight: _Inflight | None = None  # a queued step whose picks are not read back yet
         self._trace = StepTrace.from_env()  # KUBRICK_STEP_TRACE: a record of every step (step_trace.py)
         self._lock = threading.Condition()
         self._stopping = False
@@ -298,20 +300,21 @@ class Scheduler:
         # The last step's text is parsed and streamed now, while the GPU runs this step (a stop string found
         # there ends its request; this step's row for it is then dropped).
         self._flush_pending()
-        greedy = [a.sampler.temperature == 0 for a in finished]
-        if self.chain and finished and len(finished) == len(plan) and all(greedy):
-            # Every row is a greedy pick: leave them on the GPU, so the next step can be queued behind this one
-            # before the host reads them (see _chain).
-            self._inflight = _Inflight(finished, _Picks(logits[:, : finished[0].vocab].argmax(-1)))
+        if not finished:
             return
-        # Greedy rows: one argmax over the batch and one transfer, not a device round trip per row.
+        picks = _pick(logits, finished)
+        if self.chain and len(finished) == len(plan):
+            # Leave the picks on the GPU, so the next step can be queued behind this one before the host reads
+            # them (see _chain).
+            self._inflight = _Inflight(finished, _Picks(picks))
+            return
         started = time.perf_counter()
-        picks = logits[:, : finished[0].vocab].argmax(-1).tolist() if any(greedy) else [None] * len(finished)
+        tokens = picks.tolist()  # one transfer for the batch
         self._traced("wait", started)
-        self._take_picks(finished, [pick if is_greedy else None for pick, is_greedy in zip(picks, greedy)], logits)
+        self._take_picks(finished, tokens)
 
     def _chain(self) -> bool:
-        """Queue the next decode step behind the in-flight one, fed its greedy picks on the GPU, then handle
+        """Queue the next decode step behind the in-flight one, fed its picks on the GPU, then handle
         those picks while the GPU runs it: the host's work (text, stops, the next step's block tables) then
         overlaps the GPU's instead of leaving it idle between steps.
 
@@ -335,7 +338,7 @@ class Scheduler:
             self._inflight = None
             self._fail_step(actives, err)
             return True
-        self._inflight = _Inflight(actives, _Picks(logits[:, : actives[0].vocab].argmax(-1)))
+        self._inflight = _Inflight(actives, _Picks(_pick(logits, actives)))
         self._traced("launch", started, kind="chained", rows=len(actives), prefill=0)
         self._flush_pending()  # the last step's text, while the GPU works
         started = time.perf_counter()
@@ -355,14 +358,14 @@ class Scheduler:
         self._flush_pending()
         self._take_picks(inflight.actives, tokens)
 
-    def _take_picks(self, actives: list[_Active], picks: list[int | None], rows=None) -> None:
-        """Hand each request its greedy pick, or (pick None) its row of `rows` to sample from."""
-        for i, (active, pick) in enumerate(zip(actives, picks)):
+    def _take_picks(self, actives: list[_Active], picks: list[int]) -> None:
+        """Hand each request its pick."""
+        for active, pick in zip(actives, picks):
             if active.ended:
                 continue
             try:
-                self._on_logits(active, rows[i] if rows is not None else None, pick)
-            except Exception as err:  # sampling or parsing broke on this request; keep serving the others
+                self._on_pick(active, pick)
+            except Exception as err:  # parsing broke on this request; keep serving the others
                 self._request_failed(active, err)
 
     def _fail_step(self, actives: list[_Active], err: Exception) -> None:
@@ -378,13 +381,11 @@ class Scheduler:
         log.exception("request %d failed", a.handle.id)
         self._end(a, error=_failure(err))
 
-    def _on_logits(self, a: _Active, logits, greedy_pick: int | None = None) -> None:
-        """Sample this request's next token (or take the batch's greedy pick) and stream what it completes
-        (as Engine.generate does)."""
+    def _on_pick(self, a: _Active, token: int) -> None:
+        """Take this request's next token and stream what it completes (as Engine.generate does)."""
         if a.handle.cancelled:
             self._end(a, "cancelled")
             return
-        token = greedy_pick if greedy_pick is not None else a.sampler(logits[: a.vocab])  # a padded vocabulary's extra ids mean nothing
         a.produced += 1
         a.handle.generated_tokens = a.produced
         if a.first_token_at is None:
@@ -527,10 +528,17 @@ class Scheduler:
             log.exception("event callback failed for request %d", handle.id)
 
 
+def _pick(logits, actives: list[_Active]):
+    """Every row's next token, drawn on the logits' device with its request's sampler (ids not read back)."""
+    from kubrick.engine.sampler import sample_rows
+
+    return sample_rows(logits[:, : actives[0].vocab], [a.sampler for a in actives])  # a padded vocabulary's extra ids mean nothing
+
+
 class _Picks:
-    """A step's greedy picks: on the device (to feed the next step) and on their way to the host. The copy to
-    the host is queued right behind the argmax: a plain .tolist() later would queue it behind the next step
-    too, and wait for that step to finish."""
+    """A step's picks: on the device (to feed the next step) and on their way to the host. The copy to the host
+    is queued right behind the draw: a plain .tolist() later would queue it behind the next step too, and wait
+    for that step to finish."""
 
     def __init__(self, picks):
         import torch
@@ -550,7 +558,7 @@ class _Picks:
 
 
 class _Inflight:
-    """A step queued on the GPU whose rows are all greedy: its requests, in row order, and their picks."""
+    """A step queued on the GPU: its requests, in row order, and their picks (drawn there)."""
 
     def __init__(self, actives: list, picks: _Picks):
         self.actives, self.picks = actives, picks

@@ -115,14 +115,15 @@ def test_requests_joining_and_leaving_a_running_batch_get_exactly_their_solo_rep
     assert engine.paged.usage() == 0
 
 
-def test_queueing_each_greedy_step_behind_the_last_changes_no_reply(engine):
+def test_queueing_each_step_behind_the_last_changes_no_reply(engine):
     # Chained steps feed the last step's picks on the device and read them back a step late; a request that
-    # stops (max_tokens, a stop string) leaves mid-chain and its row of the queued step is dropped.
+    # stops (max_tokens, a stop string) leaves mid-chain and its row of the queued step is dropped. Sampled
+    # rows chain too: their draws are made on the device, keyed by each request's seed and draw count.
     requests = [
         (ask("Tell me a long story about a lighthouse."), SamplingParams(temperature=0, max_tokens=30)),
-        (ask("What is two plus two?"), SamplingParams(temperature=0, max_tokens=5)),
+        (ask("What is two plus two?"), SamplingParams(temperature=0.9, seed=5, max_tokens=5)),
         (ask("Say something short."), SamplingParams(temperature=0, max_tokens=25, stop=("e",))),
-        (ask("Count to ten."), SamplingParams(temperature=0, max_tokens=12)),
+        (ask("Count to ten."), SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=12)),
     ]
     runs, chained = {}, {"steps": 0}
     real = engine.forward_batch

@@ -1,11 +1,13 @@
-"""Sampling: greedy is repeatable, a seed fixes the tokens, and top-k / top-p really narrow the choice."""
+"""Sampling: greedy is repeatable, a seed fixes the tokens whatever the batch, draws follow the softmax, and
+top-k / top-p really narrow the choice (the torch path; tests/kernels/test_sampling_kernel.py has the kernel)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kubrick.engine.api import SamplingParams
-from kubrick.engine.sampler import Sampler
+from kubrick.engine.sampler import Sampler, cuts, sample_rows
 
 
 def _logits(seed: int = 0) -> torch.Tensor:
@@ -51,3 +53,60 @@ def test_higher_temperature_spreads_the_choice():
     cool = _draw(SamplingParams(temperature=0.2, seed=5), n=300)
     hot = _draw(SamplingParams(temperature=3.0, seed=5), n=300)
     assert len(set(hot)) > 3 * len(set(cool))
+
+
+def _rows(n: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_a_seeded_request_draws_the_same_tokens_alone_and_beside_others():
+    # The draws are keyed by the request's seed and draw count: the rows beside it change nothing.
+    logits = _rows(4)
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=7)
+    alone = Sampler(params)
+    solo = [int(sample_rows(logits[2:3], [alone])[0]) for _ in range(30)]
+    mine = Sampler(params)
+    others = [Sampler(SamplingParams(temperature=t, seed=s)) for t, s in ((0.7, 1), (0, None), (2.0, 9))]
+    batched = [int(sample_rows(logits[[0, 1, 2, 3]], [others[0], others[1], mine, others[2]])[2]) for _ in range(30)]
+    assert batched == solo
+    assert len(set(solo)) > 3  # really drawn, not the same token every time
+
+
+def test_greedy_rows_beside_sampled_ones_take_the_most_likely_token():
+    logits = _rows(3)
+    samplers = [Sampler(SamplingParams(temperature=0)), Sampler(SamplingParams(temperature=1.5, seed=2)),
+                Sampler(SamplingParams(temperature=0))]
+    for _ in range(10):
+        picks = sample_rows(logits, samplers)
+        assert picks[0] == logits[0].argmax() and picks[2] == logits[2].argmax()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_draws_follow_the_softmax_at_the_temperature(temperature):
+    logits = torch.tensor([4.0, 3.0, 2.0, 0.0, -1.0])
+    drawn = torch.tensor(_draw(SamplingParams(temperature=temperature, seed=3), n=3000, logits=logits))
+    seen = torch.bincount(drawn, minlength=5) / 3000
+    assert (seen - torch.softmax(logits / temperature, 0)).abs().max() < 0.03  # ~3.5 standard errors
+
+
+def _kept_the_old_way(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> set[int]:
+    """The tokens a draw may pick, computed as the sampler did before it drew on the device."""
+    x = logits / temperature
+    if 0 < top_k < x.numel():
+        x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
+    probs = torch.softmax(x, 0)
+    ordered, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(ordered, 0) - ordered
+    return {int(i) for i, p, b in zip(order, ordered, before) if p > 0 and b < top_p}
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.6, 10, 1.0), (1.3, 20, 0.7), (1.0, 5, 0.99)])
+def test_the_cut_keeps_the_top_k_then_the_smallest_set_reaching_top_p(temperature, top_k, top_p):
+    logits = _rows(3, vocab=200, seed=4)
+    n = logits.shape[0]
+    cut = cuts(logits, torch.full((n,), temperature), torch.full((n,), float(top_k)), torch.full((n,), top_p),
+               torch.ones(n, dtype=torch.bool))
+    for row in range(n):
+        kept = {int(i) for i in torch.nonzero(logits[row] >= cut[row])}
+        assert kept == _kept_the_old_way(logits[row], temperature, top_k, top_p)
+        assert 1 <= len(kept) < 200

@@ -10,6 +10,8 @@ moe_gemv.moe_gemv                       MXFP4 MoE for few tokens (decode)       
 moe_grouped.moe_grouped                 MXFP4 MoE for many tokens (prefill), expert tiles  reference.moe
 attention.attention_prefill             flash-style causal GQA with sinks + window         reference.attention
 attention.attention_decode              split-KV decode with sinks + window, GQA shared    reference.attention
+sampling.sample                         every row's next token: argmax, or a Gumbel-max    softmax(x / T) frequencies
+                                        draw over the tokens at or above the row's cut     (sampler._sample_torch)
 moe()                                   picks moe_gemv or moe_grouped by token count
 
 Block sizes come from the per-architecture table in _common.py. Everything runs under TRITON_INTERPRET=1 on
