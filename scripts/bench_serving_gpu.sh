@@ -18,8 +18,10 @@
 # Knobs (environment): KUBRICK_MAX_BATCH (default here 128, so the 128 level really batches 128),
 # KUBRICK_STEP_TOKENS (default here 512, the engine default: it bounds the inter-token gap), KUBRICK_KV_CACHE_MEMORY (engine default unless set), CONCURRENCY
 # (default 1,8,32,64,128), REQUESTS (per client, default 2), MAX_TOKENS (caps the mix's 128/256/512, default 512),
-# TURNS (default 6), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET (seconds, default 530).
-# For a dry run on a CPU machine: PYTHON=.venv/bin/python INSTALL=0 DEVICE=cpu CKPT=<a tiny checkpoint>
+# TURNS (default 6), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET (seconds, default 530),
+# TEMPERATURE (default 0, greedy; 1 is kubrick's default, drawn on the GPU by kernels/sampling.py).
+# For a dry run on a CPU machine (an existing tiny checkpoint: a CKPT that does not exist gets a 14 GB 20b one):
+# KUBRICK_MAX_BATCH=8 KUBRICK_STEP_TOKENS=64 PYTHON=.venv/bin/python INSTALL=0 DEVICE=cpu CKPT=<a tiny checkpoint>
 # CONCURRENCY=1,2 REQUESTS=1 MAX_TOKENS=16 TURNS=2 scripts/bench_serving_gpu.sh /tmp/dry
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,7 @@ CONCURRENCY=${CONCURRENCY:-1,8,32,64,128}
 REQUESTS=${REQUESTS:-2}
 TURNS=${TURNS:-6}
 MAX_TOKENS=${MAX_TOKENS:-512}
+TEMPERATURE=${TEMPERATURE:-0}
 DEVICE=${DEVICE:-cuda:0}
 PYTHON=${PYTHON:-python3}
 export KUBRICK_MAX_BATCH=${KUBRICK_MAX_BATCH:-128} KUBRICK_STEP_TOKENS=${KUBRICK_STEP_TOKENS:-512}
@@ -68,7 +71,7 @@ fi
     "numpy", numpy.__version__, "kubrick from", kubrick.__file__)' 2>&1 | tee -a "$LOG"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown); KUBRICK_MAX_BATCH=$KUBRICK_MAX_BATCH" \
     "KUBRICK_STEP_TOKENS=$KUBRICK_STEP_TOKENS KUBRICK_KV_CACHE_MEMORY=${KUBRICK_KV_CACHE_MEMORY:-default}" \
-    "CONCURRENCY=$CONCURRENCY DEVICE=$DEVICE" | tee -a "$LOG"
+    "CONCURRENCY=$CONCURRENCY DEVICE=$DEVICE TEMPERATURE=$TEMPERATURE" | tee -a "$LOG"
 
 if [ -d "$CKPT" ]; then
     echo "=== checkpoint $CKPT exists; reused" | tee -a "$LOG"
@@ -81,7 +84,7 @@ serving=$(($(left) - 180))
 [ "$serving" -gt 300 ] && serving=300
 step "serving, concurrency $CONCURRENCY" "$serving" "$PYTHON" scripts/bench_serving.py --checkpoint "$CKPT" \
     --device "$DEVICE" --context-length 4096 --concurrency "$CONCURRENCY" --requests "$REQUESTS" \
-    --max-tokens "$MAX_TOKENS" \
+    --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" \
     --record "$OUT/serving.md" --json "$OUT/serving.json" --server-log "$OUT/server-serving.log"
 
 step "multi-turn, prefix reuse on then off" "$(($(left) - 10))" "$PYTHON" scripts/bench_multiturn.py \
