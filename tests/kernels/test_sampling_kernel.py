@@ -69,3 +69,23 @@ def test_the_real_vocabulary_in_bf16_on_the_gpu():
                    _keys(4096).cuda())
     seen = torch.bincount(picks.cpu(), minlength=4)[:4] / 4096
     assert (seen - torch.softmax(peaked[0, :4].cpu(), 0)).abs().max() < 0.03
+
+
+@pytest.mark.gpu
+def test_sample_rows_on_the_gpu_keeps_a_seeded_request_s_draws_and_its_nucleus():
+    # As the scheduler calls it: settings copied from pinned memory, the top-p sort, then the kernel.
+    from kubrick.engine.api import SamplingParams
+    from kubrick.engine.sampler import Sampler, sample_rows
+
+    logits = (torch.randn(4, 201_088, device="cuda") * 3).to(torch.bfloat16)
+    params = SamplingParams(temperature=0.8, top_p=0.5, seed=11)
+    alone, mine = Sampler(params), Sampler(params)
+    others = [Sampler(SamplingParams(temperature=t, top_k=k, seed=s)) for t, k, s in ((1.0, 0, 1), (0.0, 0, 2), (1.5, 40, 3))]
+    solo = [int(sample_rows(logits[1:2], [alone])[0]) for _ in range(20)]
+    batched = [int(sample_rows(logits, [others[0], mine, others[1], others[2]])[1]) for _ in range(20)]
+    assert batched == solo
+    probs = torch.softmax(logits[1].float() / 0.8, 0)
+    ordered, order = probs.sort(descending=True)
+    last = order[int(((ordered.cumsum(0) - ordered) < 0.5).sum()) - 1]
+    nucleus = set(torch.nonzero(logits[1] >= logits[1, last]).flatten().tolist())  # ties at the cut are kept
+    assert set(solo) <= nucleus and len(set(solo)) > 1
