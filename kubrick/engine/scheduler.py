@@ -302,7 +302,11 @@ class Scheduler:
         self._flush_pending()
         if not finished:
             return
-        picks = _pick(logits, finished)
+        try:
+            picks = _pick(logits, finished)
+        except Exception as err:
+            self._fail_step(finished, err)
+            return
         if self.chain and len(finished) == len(plan):
             # Leave the picks on the GPU, so the next step can be queued behind this one before the host reads
             # them (see _chain).
@@ -334,11 +338,12 @@ class Scheduler:
         started = time.perf_counter()
         try:
             logits = self.engine.forward_batch([(a.seq, [0]) for a in actives], device_tokens=inflight.picks.device)
+            picks = _pick(logits, actives)
         except Exception as err:
             self._inflight = None
             self._fail_step(actives, err)
             return True
-        self._inflight = _Inflight(actives, _Picks(_pick(logits, actives)))
+        self._inflight = _Inflight(actives, _Picks(picks))
         self._traced("launch", started, kind="chained", rows=len(actives), prefill=0)
         self._flush_pending()  # the last step's text, while the GPU works
         started = time.perf_counter()

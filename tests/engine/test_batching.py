@@ -157,6 +157,31 @@ def test_queueing_each_step_behind_the_last_changes_no_reply(engine):
     assert engine.paged.usage() == 0
 
 
+def test_a_draw_that_breaks_ends_its_step_s_requests_with_a_reason_and_the_next_request_is_served(
+        engine, scheduler, monkeypatch):
+    import kubrick.engine.scheduler as scheduler_module
+
+    real, calls = scheduler_module._pick, {"n": 0}
+
+    def breaks_on_the_third_step(logits, actives):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("the sampling kernel broke")
+        return real(logits, actives)
+
+    monkeypatch.setattr(scheduler_module, "_pick", breaks_on_the_third_step)
+    broken = Reply()
+    scheduler.submit(ask("Tell me a story."), SamplingParams(temperature=1.0, seed=1, max_tokens=20), broken)
+    assert broken.done.wait(60)
+    assert isinstance(broken.last, EngineError)
+    assert "the engine failed on this request (RuntimeError: the sampling kernel broke)" in str(broken.last)
+    served = Reply()
+    scheduler.submit(ask("Tell me a story."), SamplingParams(temperature=1.0, seed=1, max_tokens=5), served)
+    assert served.done.wait(60)
+    assert isinstance(served.last, Finished) and served.last.usage.completion_tokens == 5
+    assert engine.paged.usage() == 0  # the broken request's blocks were freed
+
+
 def test_a_burst_of_new_requests_is_rendered_a_few_a_step_while_a_stream_runs(engine, scheduler):
     # Rendering a long prompt takes ~1 ms of the engine thread: 20 arriving at once must not stall the stream.
     from kubrick.engine.scheduler import PREPARE_PER_STEP
