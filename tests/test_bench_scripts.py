@@ -109,3 +109,12 @@ def test_bench_multiturn_refuses_a_missing_checkpoint_in_one_line():
     done = _run("bench_multiturn.py", "--checkpoint", "/nonexistent/ck20", "--device", "cuda:0")
     assert done.returncode != 0
     assert "is not a folder" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_sass_per_code_compiles_the_moe_gemv_for_sm90_without_a_gpu_and_counts_its_loop():
+    out = subprocess.run([sys.executable, str(SCRIPTS / "sass_per_code.py"), "gemv-mlp1"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    per_code = float(out.stdout.split("instructions a code")[0].rsplit(":", 1)[1])
+    assert 2 < per_code < 10  # 4.97 at 0a2b985: decode, FFMA and loads of each 4-bit code
+    assert "FFMA" in out.stdout  # the opcode tally of the loop
