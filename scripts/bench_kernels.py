@@ -206,8 +206,8 @@ GEMV_SWEEP = [
     for i, n, k, w in ((8, 16, 512, 4), (4, 8, 512, 4), (8, 16, 256, 4), (16, 16, 512, 4), (16, 32, 512, 4),
                        (8, 16, 1024, 8), (16, 32, 1024, 8), (32, 32, 512, 4))
 ]
-GROUPED_SWEEP = [
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+GROUPED_SWEEP = [  # our dequantise + tl.dot (DOT_SCALED=False: else the big table's would win above its MAX_PAIRS)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, DOT_SCALED=False)
     for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (64, 64, 128, 4, 3),
                            (64, 64, 256, 4, 3), (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 128, 8, 4))
 ] + [  # tl.dot_scaled on the packed bytes and scales (moe_grouped.py, DOT_SCALED)
@@ -279,14 +279,16 @@ ONE_DOT_SWEEP = [  # mlp1's gate and linear rows as one block (ONE_DOT): half th
     )
 ]
 PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_FP4 on plain tl.dot
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True)
+    # (DOT_SCALED=False since 2026-11-23: before, the big table's DOT_SCALED turned FAST_FP4 off in these runs)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, DOT_SCALED=False)
     for m, n, k, w, st in ((64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4),
                            (128, 64, 128, 8, 3), (128, 256, 64, 8, 3))
 ]
 
 
 W_FIRST_SWEEP = [  # FAST_FP4 with the weights as the dot's first operand (wgmma's register one on sm90)
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, W_FIRST=True,
+    # DOT_SCALED=False: above the small table's MAX_PAIRS the big table's DOT_SCALED would override both flags
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, W_FIRST=True, DOT_SCALED=False,
          MLP2=dict(BLOCK_N=n2, num_warps=w2))
     for m, n, k, w, st, n2, w2 in (  # the first twelve: the sweep of 2026-11-23 (BENCHMARKS.md); the rest not run yet
         (16, 32, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 128, 4), (16, 128, 128, 8, 3, 128, 4),

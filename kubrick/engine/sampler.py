@@ -52,20 +52,26 @@ class Sampler:
         return int(sample_rows(logits.detach().reshape(1, -1), [self])[0])
 
 
+# A temperature this small already draws the argmax; below it x / T could overflow float32 into ties at +inf.
+MIN_TEMPERATURE = 1e-6
+
+
 def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     """logits [B, vocab], one sampler per row -> the picked ids, int64 [B] on the logits' device (not synced)."""
     if all(s.greedy for s in samplers):
         return logits.argmax(-1)  # first maximum on ties, as the draws below
-    device = logits.device
-    floats = _on(device, [[s.temperature for s in samplers], [s.top_p for s in samplers],
-                          [float(s.top_k) for s in samplers]], torch.float32)
+    device, vocab = logits.device, logits.shape[1]
+    temperature = _on(device, [0.0 if s.greedy else max(s.temperature, MIN_TEMPERATURE) for s in samplers],
+                      torch.float32)
     keys = _on(device, [0 if s.greedy else s.next_key() for s in samplers], torch.int64)
-    temperature = floats[0]
-    cut_rows = [not s.greedy and (s.top_p < 1.0 or 0 < s.top_k < logits.shape[1]) for s in samplers]
-    if any(cut_rows):
-        cut = cuts(logits, temperature, floats[2], floats[1], _on(device, cut_rows, torch.bool))
-    else:
-        cut = torch.full((len(samplers),), float("-inf"), device=device)
+    cut = torch.full((len(samplers),), float("-inf"), device=device)
+    narrowed = [i for i, s in enumerate(samplers) if not s.greedy and (s.top_p < 1.0 or 0 < s.top_k < vocab)]
+    if narrowed:  # only these rows are sorted
+        rows = _on(device, narrowed, torch.int64)
+        settings = _on(device, [[max(samplers[i].temperature, MIN_TEMPERATURE) for i in narrowed],
+                                [samplers[i].top_k if 0 < samplers[i].top_k < vocab else vocab for i in narrowed],
+                                [samplers[i].top_p for i in narrowed]], torch.float32)
+        cut[rows] = cuts(logits[rows], *settings)
     if device.type == "cuda":
         from kubrick.engine.kernels.sampling import sample  # Triton: compiled only where there is a GPU
 
@@ -73,22 +79,19 @@ def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     return _sample_torch(logits, temperature, cut, keys.tolist())
 
 
-def cuts(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-         rows: torch.Tensor) -> torch.Tensor:
-    """The least logit each of `rows` keeps (-inf for the others): its top_k most likely tokens (0: all), then the
-    smallest set of those whose probabilities at its temperature reach top_p. Ties at the cut are kept.
+def cuts(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits [R, vocab], per row: temperature > 0, top_k in 1 … vocab, top_p in (0, 1] -> the least logit each row
+    keeps: its top_k most likely tokens (ties with the k-th kept), then the smallest set of those whose
+    probabilities at its temperature reach top_p (none dropped at top_p = 1). Ties at the cut are kept.
 
     A cut on the logits themselves, not on x / T, so that the kernel compares the very values it loads."""
-    vocab = logits.shape[1]
     ordered = logits.float().sort(dim=-1, descending=True).values
-    ranks = torch.arange(vocab, device=logits.device)
-    k = torch.where(top_k > 0, top_k, float(vocab))[:, None]
-    scaled = (ordered / torch.where(temperature > 0, temperature, 1.0)[:, None]).masked_fill(ranks >= k, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+    kth = ordered.gather(1, (top_k.long() - 1)[:, None])
+    inside = ordered >= kth
+    probs = torch.softmax((ordered / temperature[:, None]).masked_fill(~inside, float("-inf")), dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs
-    kept = ((before < top_p[:, None]) & (ranks < k)).sum(-1).clamp(min=1)
-    cut = ordered.gather(1, (kept - 1)[:, None]).squeeze(1)
-    return torch.where(rows, cut, float("-inf"))
+    kept = (inside & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0))).sum(-1).clamp(min=1)
+    return ordered.gather(1, (kept - 1)[:, None]).squeeze(1)
 
 
 def _sample_torch(logits: torch.Tensor, temperature: torch.Tensor, cut: torch.Tensor, keys: list[int]) -> torch.Tensor:

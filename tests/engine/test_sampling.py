@@ -95,18 +95,44 @@ def _kept_the_old_way(logits: torch.Tensor, temperature: float, top_k: int, top_
     if 0 < top_k < x.numel():
         x = x.masked_fill(x < torch.topk(x, top_k).values[-1], float("-inf"))
     probs = torch.softmax(x, 0)
+    if top_p >= 1.0:
+        return {int(i) for i in torch.nonzero(probs > 0)}
     ordered, order = torch.sort(probs, descending=True)
     before = torch.cumsum(ordered, 0) - ordered
     return {int(i) for i, p, b in zip(order, ordered, before) if p > 0 and b < top_p}
 
 
+def _cut(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    n, vocab = logits.shape
+    return cuts(logits, torch.full((n,), temperature), torch.full((n,), float(top_k or vocab)), torch.full((n,), top_p))
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.6, 10, 1.0), (1.3, 20, 0.7), (1.0, 5, 0.99)])
 def test_the_cut_keeps_the_top_k_then_the_smallest_set_reaching_top_p(temperature, top_k, top_p):
     logits = _rows(3, vocab=200, seed=4)
-    n = logits.shape[0]
-    cut = cuts(logits, torch.full((n,), temperature), torch.full((n,), float(top_k)), torch.full((n,), top_p),
-               torch.ones(n, dtype=torch.bool))
-    for row in range(n):
+    cut = _cut(logits, temperature, top_k, top_p)
+    for row in range(logits.shape[0]):
         kept = {int(i) for i in torch.nonzero(logits[row] >= cut[row])}
         assert kept == _kept_the_old_way(logits[row], temperature, top_k, top_p)
         assert 1 <= len(kept) < 200
+
+
+def test_top_k_alone_keeps_all_k_even_when_one_token_holds_nearly_all_the_mass():
+    # float32 probabilities sum to 1.0 after the first token here: top_p = 1 must not cut the rest of the k.
+    logits = torch.tensor([[20.0, 0.0, -1.0, -2.0, -3.0], [8.0, 0.0, -1.0, -2.0, -3.0]])
+    assert _cut(logits, 1.0, 3, 1.0).tolist() == [-1.0, -1.0]
+    assert _cut(logits[1:], 0.5, 2, 1.0).tolist() == [0.0]
+
+
+def test_tokens_tied_with_the_k_th_are_kept_and_counted_in_the_nucleus():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.5]])
+    for top_p in (0.99, 0.999, 1.0):
+        kept = {int(i) for i in torch.nonzero(logits[0] >= _cut(logits, 1.0, 3, top_p)[0])}
+        assert kept == _kept_the_old_way(logits[0], 1.0, 3, top_p)
+
+
+def test_a_vanishing_temperature_draws_the_most_likely_token():
+    # x / 1e-39 would overflow to +inf for every positive logit: the draw must still be the argmax.
+    for row in ([1.0, 5.0, 3.0, -2.0], [-1.0, -5.0, -0.5, -2.0]):
+        logits = torch.tensor(row)
+        assert set(_draw(SamplingParams(temperature=1e-39, seed=1), n=5, logits=logits)) == {int(logits.argmax())}

@@ -296,6 +296,15 @@ def _mlp2_combine_grouped_kernel(
                   mask=valid_m[:, None] & mask_n[None, :], sem="relaxed")
 
 
+def _paths(launch: dict) -> dict:
+    """A kernel's launch settings with the dot paths that can run: dot_scaled takes the packed weights as they
+    are (no FAST_FP4 decode, no W_FIRST order); FAST_FP4's inline PTX needs compiled bf16 dots (not the
+    interpreter, not fp16 or fp32 activations)."""
+    scaled = launch["DOT_SCALED"]
+    return launch | dict(FAST_FP4=launch["FAST_FP4"] and launch["DOT_DTYPE"] == tl.bfloat16 and not scaled,
+                         W_FIRST=launch["W_FIRST"] and not scaled)
+
+
 def moe_grouped(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -341,10 +350,9 @@ def moe_grouped(
     tiles = tile_expert.numel()
     h = torch.empty(tokens * topk, inter, dtype=x.dtype, device=x.device)
     common = dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
-                  DOT_SCALED=cfg.get("DOT_SCALED", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    # FAST_FP4's inline PTX needs compiled bf16 dots (not the interpreter, not fp16 or fp32 activations).
-    common["FAST_FP4"] = cfg.get("FAST_FP4", False) and dot_dtype == tl.bfloat16 and not common["DOT_SCALED"]
-    common["W_FIRST"] = cfg.get("W_FIRST", False) and not common["DOT_SCALED"]
+                  DOT_SCALED=cfg.get("DOT_SCALED", False), FAST_FP4=cfg.get("FAST_FP4", False),
+                  W_FIRST=cfg.get("W_FIRST", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = _paths(common)
     _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
@@ -358,7 +366,7 @@ def moe_grouped(
         out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
     else:
         out = residual.to(torch.float32, copy=True)
-    common2 = common | cfg.get("MLP2", {})  # mlp2's own tile (its K is the intermediate size, its N hidden)
+    common2 = _paths(common | cfg.get("MLP2", {}))  # mlp2's own tile (its K is the intermediate size, its N hidden)
     _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, common2["BLOCK_N"]))](
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=topk, **common2,

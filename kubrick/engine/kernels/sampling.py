@@ -9,8 +9,9 @@ u_i is Philox's (tl.rand4x) at counter i // 4 under the row's key: a request's d
 many it has drawn, not on the rows beside it or on any generator's state.
 
 Two launches: each (row, split) program scans a split of the vocabulary (splits spread a few rows over every
-SM: at one row the Philox rounds of 201,088 ids would keep one SM busy for ~90 us); one program per row then
-takes the best of its splits.
+SM: at one row, one program would run the Philox rounds of all 201,088 ids alone, an estimated tens of us); one
+program per row then takes the best of its splits. Batch sizes change only the grid and two unspecialised
+arguments: one compiled pair of kernels serves every batch of a model.
 """
 
 from __future__ import annotations
@@ -80,5 +81,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, cut: torch.Tensor, k
     _split_best_kernel[(rows, splits)](logits, logits.stride(0), temperature, cut, key, best, best_id, vocab,
                                        split, splits, BLOCK=block, num_warps=4)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    _combine_kernel[(rows,)](best, best_id, out, splits, BLOCK_S=triton.next_power_of_2(splits), num_warps=1)
+    # BLOCK_S from the vocabulary alone (splits never exceed its blocks): no new compile for a new batch size.
+    block_s = triton.next_power_of_2(triton.cdiv(vocab, block))
+    _combine_kernel[(rows,)](best, best_id, out, splits, BLOCK_S=block_s, num_warps=1)
     return out
