@@ -206,8 +206,8 @@ GEMV_SWEEP = [
     for i, n, k, w in ((8, 16, 512, 4), (4, 8, 512, 4), (8, 16, 256, 4), (16, 16, 512, 4), (16, 32, 512, 4),
                        (8, 16, 1024, 8), (16, 32, 1024, 8), (32, 32, 512, 4))
 ]
-GROUPED_SWEEP = [  # our dequantise + tl.dot (DOT_SCALED=False: else the big table's would win above its MAX_PAIRS)
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, DOT_SCALED=False)
+GROUPED_SWEEP = [  # our dequantise + tl.dot (every sweep entry runs through explicit(): unnamed flags off)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
     for m, n, k, w, st in ((16, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 128, 4, 4), (64, 64, 128, 4, 3),
                            (64, 64, 256, 4, 3), (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 128, 8, 4))
 ] + [  # tl.dot_scaled on the packed bytes and scales (moe_grouped.py, DOT_SCALED)
@@ -230,7 +230,8 @@ def sweep(layers: int) -> list[dict]:
             for cfg in configs:
                 if tokens == 2048 and cfg["BLOCK_M"] < 64:
                     continue
-                calls = [lambda r=r, w=w, fn=fn, cfg=cfg: fn(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+                run = explicit(cfg) if fn is moe_grouped else cfg
+                calls = [lambda r=r, w=w, fn=fn, run=run: fn(x, *r, *w, config=run) for r, w in zip(routes, experts)]
                 try:
                     us = time_per_call(calls, replays=5 if tokens == 2048 else 20) * 1e6
                 except Exception as exc:  # a block shape can overflow shared memory on some parts
@@ -251,14 +252,15 @@ SMALL_SWEEP = [  # few pairs per expert: Triton's dot_scaled against our inline-
     )
 ]
 SMALL_MLP2 = [  # the sm90 table's small tile for mlp1, other tiles for mlp2 (K = intermediate, N = hidden)
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True,
+    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True, ONE_DOT=True,
          MLP2=dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st))
     for n, k, w, st in ((256, 128, 4, 3), (256, 64, 4, 3), (128, 256, 4, 3), (64, 128, 4, 3), (64, 256, 4, 3),
                         (128, 128, 4, 4), (256, 128, 8, 3), (128, 64, 4, 3), (512, 64, 4, 3), (256, 32, 4, 3),
                         (256, 64, 4, 4), (256, 64, 4, 2), (512, 32, 8, 3))
 ]
 SMALL_MLP1 = [  # mlp2 on the table's own tile, other tiles for mlp1 (gate and linear rows, K = hidden)
-    dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64))
+    dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, ONE_DOT=True,
+         MLP2=dict(BLOCK_N=256, BLOCK_K=64))
     for n, k, w, st in ((128, 64, 4, 3), (64, 256, 4, 3), (128, 256, 4, 3), (256, 64, 4, 3), (64, 128, 4, 3),
                         (128, 128, 4, 4), (128, 128, 8, 4), (256, 128, 8, 3))
 ]
@@ -279,16 +281,15 @@ ONE_DOT_SWEEP = [  # mlp1's gate and linear rows as one block (ONE_DOT): half th
     )
 ]
 PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_FP4 on plain tl.dot
-    # (DOT_SCALED=False since 2026-11-23: before, the big table's DOT_SCALED turned FAST_FP4 off in these runs)
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, DOT_SCALED=False)
+    # (through explicit() since 2026-11-23: before, the big table's DOT_SCALED turned FAST_FP4 off in these runs)
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True)
     for m, n, k, w, st in ((64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4),
                            (128, 64, 128, 8, 3), (128, 256, 64, 8, 3))
 ]
 
 
 W_FIRST_SWEEP = [  # FAST_FP4 with the weights as the dot's first operand (wgmma's register one on sm90)
-    # DOT_SCALED=False: above the small table's MAX_PAIRS the big table's DOT_SCALED would override both flags
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, W_FIRST=True, DOT_SCALED=False,
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, W_FIRST=True,
          MLP2=dict(BLOCK_N=n2, num_warps=w2))
     for m, n, k, w, st, n2, w2 in (  # the first twelve: the sweep of 2026-11-23 (BENCHMARKS.md); the rest not run yet
         (16, 32, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 128, 4), (16, 128, 128, 8, 3, 128, 4),
@@ -298,6 +299,15 @@ W_FIRST_SWEEP = [  # FAST_FP4 with the weights as the dot's first operand (wgmma
         (128, 64, 64, 8, 4, 128, 8),
     )
 ]
+
+
+def explicit(cfg: dict | None) -> dict | None:
+    """A sweep entry as it reads: the path flags it does not name are off, and mlp2 runs on its main tile unless it
+    names MLP2. (moe_grouped merges a config over the table it picks by size, so an entry would otherwise inherit
+    the table's DOT_SCALED, FAST_FP4, ONE_DOT or MLP2 and run another path than its label says.)"""
+    if cfg is None:
+        return None
+    return dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={}) | cfg
 
 
 def _sweep_moe(label: str, layers: int, token_counts: tuple[int, ...], runs_for) -> list[dict]:
@@ -311,7 +321,8 @@ def _sweep_moe(label: str, layers: int, token_counts: tuple[int, ...], runs_for)
         nbytes = sum(int(ids.unique().numel()) for ids, _ in routes) / layers * mxfp4_expert_bytes()
         flops = 2 * tokens * TOPK * (HIDDEN * 2 * INTER + INTER * HIDDEN)
         for name, fn, cfg in runs_for(tokens):
-            calls = [lambda r=r, w=w, fn=fn, cfg=cfg: fn(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+            run = explicit(cfg) if fn is moe_grouped else cfg
+            calls = [lambda r=r, w=w, fn=fn, run=run: fn(x, *r, *w, config=run) for r, w in zip(routes, experts)]
             try:
                 us = time_per_call(calls, replays=5 if tokens > 128 else 20) * 1e6
             except Exception as exc:  # a block shape can overflow shared memory or registers

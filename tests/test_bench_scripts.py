@@ -118,3 +118,20 @@ def test_sass_per_code_compiles_the_moe_gemv_for_sm90_without_a_gpu_and_counts_i
     per_code = float(out.stdout.split("instructions a code")[0].rsplit(":", 1)[1])
     assert 2 < per_code < 10  # 4.97 at 0a2b985: decode, FFMA and loads of each 4-bit code
     assert "FFMA" in out.stdout  # the opcode tally of the loop
+
+
+def test_every_grouped_sweep_entry_runs_the_path_it_names_whichever_table_moe_picks():
+    # moe_grouped merges a config over the table it picks by size: an entry must not inherit that table's
+    # DOT_SCALED / FAST_FP4 / ONE_DOT / W_FIRST / MLP2 (the W_FIRST sweep's 512-token rows once ran dot_scaled).
+    from kubrick.engine.kernels._common import _TABLE
+
+    kernels = _load("bench_kernels")
+    entries = (kernels.GROUPED_SWEEP + kernels.SMALL_SWEEP + kernels.SMALL_MLP2 + kernels.SMALL_MLP1 + kernels.MID_SWEEP
+               + kernels.ONE_DOT_SWEEP + kernels.PREFILL_FAST + kernels.W_FIRST_SWEEP)
+    for family in _TABLE.values():
+        for table in (family["moe_grouped"], family["moe_grouped_small"]):
+            for entry in entries:
+                merged = table | kernels.explicit(entry)
+                for flag in ("DOT_SCALED", "FAST_FP4", "ONE_DOT", "W_FIRST"):
+                    assert merged[flag] == entry.get(flag, False), (entry, flag)
+                assert merged["MLP2"] == entry.get("MLP2", {})

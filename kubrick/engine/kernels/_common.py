@@ -70,9 +70,10 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # 297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens. The GEMV keeps 8 tokens (195 us
 # against 235), so the grouped kernel takes over above 32 pairs. Prefill keeps dot_scaled: the "tie" once noted
 # here (2047 vs 2026 us at 2048 tokens) compared dot_scaled with itself (the sweep left the big table's DOT_SCALED
-# on, which turns FAST_FP4 off); FAST_FP4 at prefill sizes is not measured yet. The small table's 16-row FAST_FP4 tiles also beat dot_scaled's 128-row ones
-# up to 448 tokens (`bench_kernels.py --sweep-tables`: 445 / 542 / 647 / 754 / 843 us against 821 / 832 / 838
-# / 843 / 850 at 192 / 256 / 320 / 384 / 448 tokens; 952 against 855 at 512): MAX_PAIRS 1792.
+# on, which turns FAST_FP4 off); FAST_FP4 at prefill sizes is not measured yet. The small table's 16-row FAST_FP4
+# tiles also beat dot_scaled's 128-row ones up to 448 tokens (`bench_kernels.py --sweep-tables`: 445 / 542 /
+# 647 / 754 / 843 us against 821 / 832 / 838 / 843 / 850 at 192 / 256 / 320 / 384 / 448 tokens; 952 against 855
+# at 512): MAX_PAIRS 1792.
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": _TABLE["big_smem"]["moe_gemv"] | dict(MAX_PAIRS=32),
     "moe_grouped": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, DOT_SCALED=True),

@@ -349,10 +349,10 @@ def moe_grouped(
     pair_ids, tile_expert = group_by_expert(expert_ids, n_experts, block_m)
     tiles = tile_expert.numel()
     h = torch.empty(tokens * topk, inter, dtype=x.dtype, device=x.device)
-    common = dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
-                  DOT_SCALED=cfg.get("DOT_SCALED", False), FAST_FP4=cfg.get("FAST_FP4", False),
-                  W_FIRST=cfg.get("W_FIRST", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    common = _paths(common)
+    asked = dict(BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_DTYPE=dot_dtype, DOT_PRECISION=dot_precision,
+                 DOT_SCALED=cfg.get("DOT_SCALED", False), FAST_FP4=cfg.get("FAST_FP4", False),
+                 W_FIRST=cfg.get("W_FIRST", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = _paths(asked)
     _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
@@ -366,7 +366,7 @@ def moe_grouped(
         out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
     else:
         out = residual.to(torch.float32, copy=True)
-    common2 = _paths(common | cfg.get("MLP2", {}))  # mlp2's own tile (its K is the intermediate size, its N hidden)
+    common2 = _paths(asked | cfg.get("MLP2", {}))  # mlp2's own tile (its K is the intermediate size, its N hidden)
     _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, common2["BLOCK_N"]))](
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=topk, **common2,
