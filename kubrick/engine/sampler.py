@@ -61,14 +61,14 @@ def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     if all(s.greedy for s in samplers):
         return logits.argmax(-1)  # first maximum on ties, as the draws below
     device, vocab = logits.device, logits.shape[1]
-    temperature = _on(device, [0.0 if s.greedy else max(s.temperature, MIN_TEMPERATURE) for s in samplers],
-                      torch.float32)
+    temperatures = [0.0 if s.greedy else max(s.temperature, MIN_TEMPERATURE) for s in samplers]
+    temperature = _on(device, temperatures, torch.float32)
     keys = _on(device, [0 if s.greedy else s.next_key() for s in samplers], torch.int64)
     cut = torch.full((len(samplers),), float("-inf"), device=device)
     narrowed = [i for i, s in enumerate(samplers) if not s.greedy and (s.top_p < 1.0 or 0 < s.top_k < vocab)]
     if narrowed:  # only these rows are sorted
         rows = _on(device, narrowed, torch.int64)
-        settings = _on(device, [[max(samplers[i].temperature, MIN_TEMPERATURE) for i in narrowed],
+        settings = _on(device, [[temperatures[i] for i in narrowed],
                                 [samplers[i].top_k if 0 < samplers[i].top_k < vocab else vocab for i in narrowed],
                                 [samplers[i].top_p for i in narrowed]], torch.float32)
         cut[rows] = cuts(logits[rows], *settings)
