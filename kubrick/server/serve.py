@@ -190,6 +190,9 @@ def serve(options: ServeOptions) -> int:
     server: TritonServer | None = None
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     previous_int = signal.getsignal(signal.SIGINT)
+    # Ctrl-C stops the server even when a launcher started us with SIGINT ignored (a background job of a
+    # non-interactive shell, some CI runners), which Python would otherwise keep
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with console.status("preparing: finding tritonserver and the checkpoint …", spinner="dots") as status:
             device = resolve_device(options.device)  # before the embedded default: a bad device fails at once
