@@ -27,7 +27,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 step() { echo "=== $1 ($(date -u +%T))" | tee -a "$OUT/log.txt"; shift; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 step "kernel engine, 20b shape (bench_engine --impl triton)" timeout 240 python3 scripts/bench_engine.py --preset 20b \
     --device cuda --impl triton --checkpoint "$CKPT" --decode-tokens 64 --json "$OUT/bench_engine_triton.json"
-step "kernels" timeout 150 python3 scripts/bench_kernels.py --json "$OUT/bench_kernels.json"
+# KERNEL_SWEEPS: sweep flags of bench_kernels.py to add, e.g. "--sweep-tables" (each adds up to a minute)
+step "kernels" timeout 150 python3 scripts/bench_kernels.py ${KERNEL_SWEEPS:-} --json "$OUT/bench_kernels.json"
 if [ -n "$PEERS" ]; then
     step "peer: tritonllm 0.1.1" timeout 130 python3 "$PEERS/bench_tritonllm.py"
     step "peer: transformers" timeout 130 python3 "$PEERS/bench_transformers.py"

@@ -291,7 +291,7 @@ PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_F
 W_FIRST_SWEEP = [  # FAST_FP4 with the weights as the dot's first operand (wgmma's register one on sm90)
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, W_FIRST=True,
          MLP2=dict(BLOCK_N=n2, num_warps=w2))
-    for m, n, k, w, st, n2, w2 in (  # the first twelve: the sweep of 2026-11-23 (BENCHMARKS.md); the rest not run yet
+    for m, n, k, w, st, n2, w2 in (  # all run on an H200, 2026-11-23 (BENCHMARKS.md)
         (16, 32, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 128, 4), (16, 128, 128, 8, 3, 128, 4),
         (32, 64, 128, 4, 3, 128, 4), (32, 128, 128, 8, 3, 128, 4), (64, 64, 128, 4, 3, 128, 4), (64, 64, 64, 4, 4, 128, 4),
         (64, 64, 256, 4, 2, 128, 4), (64, 128, 64, 8, 3, 256, 8), (128, 64, 128, 4, 3, 128, 4), (128, 128, 128, 8, 3, 256, 8),
@@ -357,13 +357,13 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
     return _sweep_moe("sweep", layers, token_counts, runs_for)
 
 
-def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 192, 256, 320, 384, 448, 512)) -> list[dict]:
+def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 144, 160, 176, 192, 224, 256, 512)) -> list[dict]:
     """The grouped MoE's two block tables (moe_grouped_small, moe_grouped) at each token count, whichever moe()
     would pick: where one should hand over to the other, and how a mixed step's MoE grows with its rows."""
     rows = []
     experts = moe_weights(layers)
     # Each table whole: a config overrides only the keys it names, on top of the table moe() picks by size.
-    keys = dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, MLP2={})
+    keys = dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={})
     tables = {name: keys | block_config(name, torch.device("cuda")) for name in ("moe_grouped_small", "moe_grouped")}
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
@@ -529,7 +529,7 @@ def main() -> None:
     parser.add_argument("--sweep-small", action="store_true", help="also time the grouped MoE at 8-2048 tokens: dot_scaled against FAST_FP4")
     parser.add_argument("--sweep-linear", action="store_true", help="also time the one-token linear GEMV vs cuBLAS")
     parser.add_argument("--sweep-tables", action="store_true",
-                        help="also time the grouped MoE's two block tables at 128-512 tokens (a mixed step's sizes)")
+                        help="also time the grouped MoE's two block tables at 128-512 tokens (where one hands over)")
     parser.add_argument("--sweep-w-first", action="store_true",
                         help="also time the grouped MoE with the weights as the dot's first operand (W_FIRST)")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")

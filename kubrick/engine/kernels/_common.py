@@ -49,7 +49,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         # H100 `bench_kernels.py --sweep-linear`: 10.3 / 12.6 us (out / QKV) against cuBLAS + add 14.9 / 14.7
         "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4),
     },
-    "sm90": {},  # H100/H200: big_smem with the grouped MoE on tl.dot_scaled (filled in below)
+    "sm90": {},  # H100/H200: big_smem with the grouped MoE on FAST_FP4 and W_FIRST (filled in below)
     "small_smem": {  # sm86/sm89 (RTX 30/40, L4, L40), sm120 (RTX 50, RTX PRO 6000)
         "moe_gemv": dict(BLOCK_I=8, BLOCK_N=16, BLOCK_K=512, num_warps=4, MAX_PAIRS=64),
         "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
@@ -61,26 +61,25 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 }
 
 
-# On the H100 the grouped MoE kernels run faster on tl.dot_scaled (the packed bytes and E8M0 scales handed to
-# Triton's MXFP4 dot as stored) than on our own dequantise-then-tl.dot: per layer 335 vs 425 us at 8 tokens,
-# 462 vs 686 at 64, 2094 vs 3788 at 2048 (BENCHMARKS.md, `bench_kernels.py --sweep`). Only measured there, so
-# only used there: other GPUs keep the tested tl.dot path, which the CPU interpreter (no dot_scaled) also runs.
-# Up to SMALL_PAIRS pairs our inline-PTX decode (FAST_FP4) on tl.dot beats dot_scaled, whose MXFP4 upcast takes
-# ~9 instructions a code in the loop against ~4.4 (`bench_kernels.py --sweep-small`, per layer): 287 / 295 /
-# 297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens. The GEMV keeps 8 tokens (195 us
-# against 235), so the grouped kernel takes over above 32 pairs. Prefill keeps dot_scaled: the "tie" once noted
-# here (2047 vs 2026 us at 2048 tokens) compared dot_scaled with itself (the sweep left the big table's DOT_SCALED
-# on, which turns FAST_FP4 off); FAST_FP4 at prefill sizes is not measured yet. The small table's 16-row FAST_FP4
-# tiles also beat dot_scaled's 128-row ones up to 448 tokens (`bench_kernels.py --sweep-tables`: 445 / 542 /
-# 647 / 754 / 843 us against 821 / 832 / 838 / 843 / 850 at 192 / 256 / 320 / 384 / 448 tokens; 952 against 855
-# at 512): MAX_PAIRS 1792.
+# sm90 (H100/H200), measured only there, so used only there (other GPUs keep the plain tl.dot path, which the CPU
+# interpreter also runs). All figures are per layer, from `bench_kernels.py` sweeps (BENCHMARKS.md).
+# - Small steps: our inline-PTX decode (FAST_FP4) on tl.dot in 16-row tiles. It beat tl.dot_scaled (which took
+#   the packed weights as stored, but whose MXFP4 upcast costs ~9 instructions a code against ~4.4): 287 / 295 /
+#   297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens (`--sweep-small`). The GEMV keeps up
+#   to 8 tokens (195 us against 235).
+# - Larger steps: FAST_FP4 with the weights as the dot's first operand (W_FIRST: wgmma's register operand, see
+#   moe_grouped.py) in 64 x 64 x 32 tiles, which replaced dot_scaled's 128-row tiles (`--sweep-w-first`, H200,
+#   2026-11-23): 410 / 605 / 986 / 1798 us against 545 / 855 / 1233 / 2045 at 256 / 512 / 1024 / 2048 tokens;
+#   at 128 tokens the small table still wins (358 against 395). MAX_PAIRS 640 (160 tokens) is where the two
+#   interpolated lines cross; `--sweep-tables` measures it. 128 x 64 x 64 tiles would take another 11 % at 2048.
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": _TABLE["big_smem"]["moe_gemv"] | dict(MAX_PAIRS=32),
-    "moe_grouped": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, DOT_SCALED=True),
+    "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=5, FAST_FP4=True, W_FIRST=True,
+                        MLP2=dict(BLOCK_N=128, num_warps=4)),
     # mlp2 (K = intermediate, N = hidden) on its own tile of 256 rows x 64 values: 279 vs 294 us at 64 tokens;
     # mlp1's gate and linear rows in one dot (ONE_DOT): 268 vs 279
     "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True,
-                              ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64), MAX_PAIRS=4 * 448),
+                              ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64), MAX_PAIRS=4 * 160),
 }
 
 

@@ -10,12 +10,12 @@ then belongs to one expert. Tiles past the end get expert -1 and exit at once (t
 Packed bytes hold K positions (2j, 2j+1) in (low, high) nibble, so each K step runs two dots: activations at
 even K positions against the low nibbles, odd against the high ones; no interleave shuffle is needed.
 
-DOT_SCALED (block table entry; used on sm90, where it was measured faster): instead of dequantising, hand the
+DOT_SCALED (config entry; sm90's table used it until W_FIRST beat it): instead of dequantising, hand the
 packed bytes [K/2, N] and the E8M0 scales [N, K/32] to tl.dot_scaled(x, None, "bf16", w, scales, "e2m1") as
 they are stored; gpt-oss's MXFP4 is the OCP MX format that dot_scaled takes (first code in the low nibble).
 The Triton 3.6 CPU interpreter has no dot_scaled, so CPU tests run the tl.dot path and GPU tests both.
 
-W_FIRST (config entry, not in a table yet): our dequantised weights as the dot's first operand, W @ x^T summed
+W_FIRST (sm90's table above the small steps): our dequantised weights as the dot's first operand, W @ x^T summed
 transposed, so that on sm90 they are wgmma's register operand (see _expert_matmul); mlp1 then runs ONE_DOT.
 """
 
