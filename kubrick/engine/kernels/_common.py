@@ -70,8 +70,9 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # - Larger steps: FAST_FP4 with the weights as the dot's first operand (W_FIRST: wgmma's register operand, see
 #   moe_grouped.py) in 64 x 64 x 32 tiles, which replaced dot_scaled's 128-row tiles (`--sweep-w-first`, H200,
 #   2026-11-23): 410 / 605 / 986 / 1798 us against 545 / 855 / 1233 / 2045 at 256 / 512 / 1024 / 2048 tokens;
-#   at 128 tokens the small table still wins (358 against 395). MAX_PAIRS 640 (160 tokens) is where the two
-#   interpolated lines cross; `--sweep-tables` measures it. 128 x 64 x 64 tiles would take another 11 % at 2048.
+#   at 128 tokens the small table still wins (358 against 395). `--sweep-tables` (H200, 13:24 UTC): 388 / 412
+#   against 397 / 398 us at 144 / 160 tokens, so MAX_PAIRS 576 (144 tokens). 128 x 64 x 64 tiles would take
+#   another 11 % at 2048.
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": _TABLE["big_smem"]["moe_gemv"] | dict(MAX_PAIRS=32),
     "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=5, FAST_FP4=True, W_FIRST=True,
@@ -79,7 +80,7 @@ _TABLE["sm90"] = _TABLE["big_smem"] | {
     # mlp2 (K = intermediate, N = hidden) on its own tile of 256 rows x 64 values: 279 vs 294 us at 64 tokens;
     # mlp1's gate and linear rows in one dot (ONE_DOT): 268 vs 279
     "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True,
-                              ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64), MAX_PAIRS=4 * 160),
+                              ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64), MAX_PAIRS=4 * 144),
 }
 
 
