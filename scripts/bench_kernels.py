@@ -291,12 +291,16 @@ PREFILL_FAST = [  # many pairs per expert: the table's dot_scaled against FAST_F
 W_FIRST_SWEEP = [  # FAST_FP4 with the weights as the dot's first operand (wgmma's register one on sm90)
     dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st, FAST_FP4=True, W_FIRST=True,
          MLP2=dict(BLOCK_N=n2, num_warps=w2))
-    for m, n, k, w, st, n2, w2 in (  # all run on an H200, 2026-11-23 (BENCHMARKS.md)
+    for m, n, k, w, st, n2, w2 in (  # all run on an H200, 2026-11-23 (BENCHMARKS.md, run 31)
         (16, 32, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 64, 4), (16, 64, 128, 4, 3, 128, 4), (16, 128, 128, 8, 3, 128, 4),
         (32, 64, 128, 4, 3, 128, 4), (32, 128, 128, 8, 3, 128, 4), (64, 64, 128, 4, 3, 128, 4), (64, 64, 64, 4, 4, 128, 4),
         (64, 64, 256, 4, 2, 128, 4), (64, 128, 64, 8, 3, 256, 8), (128, 64, 128, 4, 3, 128, 4), (128, 128, 128, 8, 3, 256, 8),
         (64, 64, 64, 8, 4, 128, 8), (64, 64, 32, 4, 5, 128, 4), (64, 32, 64, 4, 4, 64, 4), (128, 64, 64, 4, 4, 128, 4),
         (128, 64, 64, 8, 4, 128, 8),
+        # around the 64 x 64 x 32 tiles that won at 256-1024 tokens (sm90's large table since run 31)
+        (64, 128, 32, 4, 5, 128, 4), (64, 128, 32, 8, 5, 128, 8), (128, 64, 32, 4, 5, 128, 4), (128, 64, 32, 8, 5, 128, 8),
+        (64, 64, 32, 4, 6, 128, 4), (64, 32, 32, 4, 6, 64, 4), (32, 64, 32, 4, 5, 128, 4), (64, 64, 32, 4, 5, 64, 4),
+        (64, 64, 32, 4, 5, 256, 8),
     )
 ]
 
