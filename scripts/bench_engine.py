@@ -305,14 +305,14 @@ def kernel_label(name: str) -> str:
         ("decode_split", "attention decode (Triton)"), ("decode_combine", "attention decode combine (Triton)"),
         ("_prefill_kernel", "attention prefill (Triton)"), ("rmsnorm", "RMSNorm (Triton)"),
         ("rope_cache", "RoPE + KV write (Triton)"), ("_router_kernel", "residual add + RMSNorm + router (Triton)"),
-        ("linear_gemv", "QKV / out-projection GEMV (Triton)"),
+        ("linear_gemv", "one-token linear GEMV: QKV, out-projection, unembedding (Triton)"),
     ]
     for key, label in table:
         if key in name:
             return label
     lowered = name.lower()
     if any(key in lowered for key in ("gemv", "gemm", "nvjet", "cutlass", "xmma", "splitk", "cublas")):
-        return "cuBLAS matmul (QKV and out beyond one token, unembedding)"
+        return "cuBLAS matmul (QKV, out and unembedding beyond one token)"
     return "other torch kernels (embedding, add, cos/sin, argmax, sort, copies)"
 
 

@@ -5,7 +5,7 @@ Memory-bound kernels (decode) are measured against the device-to-device copy ban
 run; compute-bound ones (prefill) report TFLOP/s. Every kernel runs over LAYERS distinct weight/cache copies
 inside one CUDA graph, so nothing is served from L2 that a real decode step would have to read from HBM.
 
-    python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--sweep-tables] [--model] [--json out.json] [--layers 8]
+    python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--sweep-decode] [--sweep-tables] [--model] [--json out.json] [--layers 8]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from kubrick.engine.kernels.sampling import sample  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOPK = 2880, 2880, 32, 4
 Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 64, 8, 64, 128
+VOCAB = 201_088
 BF16 = torch.bfloat16
 
 
@@ -438,6 +439,47 @@ def sweep_linear(layers: int) -> list[dict]:
     return rows
 
 
+def sweep_decode_gemvs(layers: int) -> list[dict]:
+    """The one-token GEMVs: moe_gemv at 1 and 8 tokens over block shapes, and kernels.linear against cuBLAS at the
+    out-projection, QKV and unembedding shapes."""
+    import torch.nn.functional as F
+
+    from kubrick.engine.kernels.linear import linear
+
+    rows = []
+    experts = moe_weights(layers)
+    moe_bytes = mxfp4_expert_bytes() * TOPK
+    for tokens in (1, 8):
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        for block_i, block_n, block_k in ((4, 16, 512), (4, 16, 256), (8, 16, 256), (4, 8, 512), (8, 32, 256)):
+            cfg = dict(BLOCK_I=block_i, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            calls = [lambda r=r, w=w, cfg=cfg: moe_gemv(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+            us = time_per_call(calls) * 1e6
+            rows.append(dict(kernel="moe_gemv", tokens=tokens, config=cfg, us=us))
+            note = f"  ({moe_bytes / us / 1e3:.0f} GB/s)" if tokens == 1 else ""
+            print(f"sweep-decode moe_gemv T={tokens} {cfg}: {us:.1f} us{note}", flush=True)
+    del experts
+    torch.cuda.empty_cache()
+    shapes = ((HIDDEN, Q_HEADS * HEAD_DIM, layers), ((Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, layers),
+              (VOCAB, HIDDEN, 2))
+    for n, k, copies in shapes:
+        ws = [torch.randn(n, k, device="cuda", dtype=BF16) / k**0.5 for _ in range(copies)]
+        x = torch.randn(1, k, device="cuda", dtype=BF16)
+        nbytes = n * k * 2
+        us = time_per_call([lambda w=w: F.linear(x, w) for w in ws]) * 1e6
+        rows.append(dict(kernel="F.linear", shape=[n, k], us=us))
+        print(f"sweep-decode linear {n}x{k} cuBLAS: {us:.1f} us  ({nbytes / us / 1e3:.0f} GB/s)", flush=True)
+        for block_n, block_k in ((2, 1024), (2, 512), (4, 512)):
+            cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+            us = time_per_call([lambda w=w, cfg=cfg: linear(x, w, config=cfg) for w in ws]) * 1e6
+            rows.append(dict(kernel="linear_gemv", shape=[n, k], config=cfg, us=us))
+            print(f"sweep-decode linear {n}x{k} gemv {cfg}: {us:.1f} us  ({nbytes / us / 1e3:.0f} GB/s)", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return rows
+
+
 def random_20b_weights() -> tuple:
     """gpt-oss-20b's config and random weights made on the GPU (no checkpoint on disk), names as the loader's."""
     import math
@@ -532,6 +574,8 @@ def main() -> None:
     parser.add_argument("--sweep-gemv", action="store_true", help="also time moe_gemv over its blocks and split-K")
     parser.add_argument("--sweep-small", action="store_true", help="also time the grouped MoE at 8-2048 tokens: dot_scaled against FAST_FP4")
     parser.add_argument("--sweep-linear", action="store_true", help="also time the one-token linear GEMV vs cuBLAS")
+    parser.add_argument("--sweep-decode", action="store_true",
+                        help="also time moe_gemv over block shapes and the one-token linear against cuBLAS")
     parser.add_argument("--sweep-tables", action="store_true",
                         help="also time the grouped MoE's two block tables at 128-512 tokens (where one hands over)")
     parser.add_argument("--sweep-w-first", action="store_true",
@@ -551,6 +595,8 @@ def main() -> None:
         sweep_rows += sweep_small(args.layers)
     if args.sweep_linear:
         sweep_rows += sweep_linear(args.layers)
+    if args.sweep_decode:
+        sweep_rows += sweep_decode_gemvs(args.layers)
     if args.sweep_tables:
         sweep_rows += sweep_tables(args.layers)
     if args.sweep_w_first:

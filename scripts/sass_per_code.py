@@ -46,16 +46,18 @@ def kernel_and_codes(args):
         signature = {"xt_ptr": "*fp32", "ids_ptr": "*i32", "w_blocks": "*i32", "w_scales": "*u8", "bias_ptr": "*bf16",
                      "ht_ptr": "*fp32", "INTER": "constexpr", "HIDDEN": "constexpr", "TOPK": "constexpr",
                      "alpha": "fp32", "limit": "fp32", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
-                     "H_DTYPE": "constexpr"}
-        constexprs = dict(INTER=INTER, HIDDEN=HIDDEN, TOPK=4, BLOCK_I=block_i, BLOCK_K=block_k, H_DTYPE=tl.bfloat16)
+                     "H_DTYPE": "constexpr", "PDL": "constexpr"}
+        constexprs = dict(INTER=INTER, HIDDEN=HIDDEN, TOPK=4, BLOCK_I=block_i, BLOCK_K=block_k, H_DTYPE=tl.bfloat16,
+                          PDL=False)
         return compile_sm90(moe_gemv._mlp1_swiglu_gemv_kernel, signature, constexprs), 2 * block_i * block_k
     if args.kernel == "gemv-mlp2":
         block_n, block_k = 16, 512
         signature = {"ht_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32", "w_blocks": "*i32",
                      "w_scales": "*u8", "bias_ptr": "*bf16", "out_ptr": "*fp32", "HIDDEN": "constexpr",
                      "INTER": "constexpr", "TOPK": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                     "K_PER_SPLIT": "constexpr"}
-        constexprs = dict(HIDDEN=HIDDEN, INTER=INTER, TOPK=4, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=1024)
+                     "K_PER_SPLIT": "constexpr", "PDL": "constexpr"}
+        constexprs = dict(HIDDEN=HIDDEN, INTER=INTER, TOPK=4, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=1024,
+                          PDL=False)
         return compile_sm90(moe_gemv._mlp2_combine_gemv_kernel, signature, constexprs), block_n * block_k
     block_m, block_n, block_k = (int(v) for v in args.block.split(","))
     signature = {"h_ptr": "*bf16", "pair_ids_ptr": "*i32", "tile_expert_ptr": "*i32", "route_w_ptr": "*fp32",

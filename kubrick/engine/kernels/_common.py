@@ -8,6 +8,7 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 def interpreting() -> bool:
@@ -112,6 +113,31 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Programmatic dependent launch (PDL, sm90 and later): a kernel launched with it may be scheduled while the
+# kernel before it in the stream is still finishing, so its launch latency and the other's last, partly empty
+# wave overlap. Each such kernel must wait (griddepcontrol.wait) before it touches memory: pdl_start does that
+# first thing, then lets the next kernel launch. The decode step runs about 9 kernels a layer; CUDA graphs keep
+# the launches programmatic. KUBRICK_PDL=0 turns it off (to measure it, or if a driver mishandles it).
+@lru_cache(maxsize=None)
+def _pdl_on(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9 and os.environ.get("KUBRICK_PDL", "1") != "0"
+
+
+def pdl(device: torch.device) -> dict:
+    """Launch arguments for a kernel that starts with pdl_start(PDL): PDL on where the GPU has it."""
+    on = device.type == "cuda" and not interpreting() and _pdl_on(
+        device.index if device.index is not None else torch.cuda.current_device())
+    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """Wait for the previous kernel's writes, then let the next kernel launch (see pdl above)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import block_config, interpreting, num_sms
+from kubrick.engine.kernels._common import block_config, interpreting, num_sms, pdl, pdl_start
 
 LOG2E = 1.4426950408889634
 
@@ -58,7 +58,9 @@ def _prefill_kernel(
     n_tokens, start_pos, qk_scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     batch = (bh // Q_HEADS).to(tl.int64)
@@ -151,7 +153,7 @@ def attention_prefill(
         layout.sv_b, v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2), layout.st_b,
         n_tokens, start_pos, scale * LOG2E,
         Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, PAGE=layout.page,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype), **pdl(q.device),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -163,7 +165,9 @@ def _decode_split_kernel(
     sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, st_b, qk_scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     bk = tl.program_id(0)
     split = tl.program_id(1)
     batch = (bk // KV_HEADS).to(tl.int64)
@@ -213,8 +217,9 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, sinks_ptr, o_ptr, so_b, so_h,
-    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     bh = tl.program_id(0).to(tl.int64)
     batch = bh // Q_HEADS
     head = bh % Q_HEADS
@@ -277,10 +282,11 @@ def attention_decode(
         layout.sv_b, v_cache.stride(1), v_cache.stride(2), layout.st_b, scale * LOG2E,
         Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, PAGE=layout.page, SPLITS=splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl(q.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _decode_combine_kernel[(batch * q_heads,)](
         part_m, part_l, part_acc, sinks, out, out.stride(0), out.stride(1),
-        Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, num_warps=1 if splits * head_dim <= 1024 else 4,
+        Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, **pdl(q.device),
+        num_warps=1 if splits * head_dim <= 1024 else 4,
     )
     return out

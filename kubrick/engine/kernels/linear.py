@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import block_config, round_to_bf16
+from kubrick.engine.kernels._common import block_config, pdl, pdl_start, round_to_bf16
 
 
 @triton.jit
@@ -38,7 +38,8 @@ def _gemv_step(x_ptr, w_ptr, offs_n, mask_n, k0, K: tl.constexpr, BLOCK_K: tl.co
 @triton.jit
 def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr):
+                        HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     mask_n = offs_n < N
@@ -72,6 +73,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _linear_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out,
         N=n, K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, num_warps=cfg["num_warps"],
+        HAS_RESIDUAL=residual is not None, **pdl(x.device), num_warps=cfg["num_warps"],
     )
     return out

@@ -20,8 +20,10 @@ so each instruction per code counts (SASS of the loop, sm90: 8.8 per code before
     (`gemv_layout`). Code j of word w meets x_t[j, w], and 4 consecutive words need one 16-byte load per j,
     where bf16 x cost a 2-byte load, a conversion and a multiply per value. mlp1 writes h in this layout for
     mlp2; rmsnorm can write it for mlp1 (`rmsnorm(..., gemv_out=)`), or moe_gemv converts x itself.
-  - Tiles are [BLOCK_K/32 groups, rows, 4 words]: Triton then gives a thread 4 words of 2 rows, so each x
-    load serves two rows, and a warp reads 256 contiguous bytes of a row.
+  - Tiles are [BLOCK_K/32 groups, rows, 4 words]. On sm90 Triton 3.6 gives a thread one word of 4 rows (SASS):
+    each x load serves 4 rows, and a warp reads 128 contiguous bytes of a row. Products are scaled and summed
+    per word and summed over words only after the K loop (a sum per step crossed threads: 8 shuffles a step;
+    4.88 instructions a code against 4.97 before, in the same time on the H100).
   - The K loop runs unmasked over whole steps, and one masked step takes the rest.
 """
 
@@ -31,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import block_config, num_sms
+from kubrick.engine.kernels._common import block_config, num_sms, pdl, pdl_start
 
 X_SCALE: tl.constexpr = tl.constexpr(2.0**64)  # the activations' factor in GEMV layout (see the docstring)
 
@@ -68,28 +70,35 @@ def _x(xt, j: tl.constexpr, word, K_WORDS: tl.constexpr, in_k, MASK_K: tl.conste
 
 
 @triton.jit
-def _dot_step(w_words, w_scales, rows, row_mask, xt, w0, K_WORDS: tl.constexpr, NSB: tl.constexpr,
-              MASK_ROWS: tl.constexpr, MASK_K: tl.constexpr):
-    """sum_k W[rows, k] x[k] over words w0 .. w0 + 4*NSB, per scale group -> [NSB, R] float32.
+def _load_step(w_words, w_scales, rows, row_mask, w0, w_limit, K_WORDS: tl.constexpr, NSB: tl.constexpr,
+               MASK_ROWS: tl.constexpr, MASK_K: tl.constexpr):
+    """The packed words [NSB, R, 4] (uint32) and their scales [NSB, R, 4] of words w0 .. w0 + 4*NSB of `rows`.
 
-    xt points at the token's activations in GEMV layout ([8, K_WORDS] float32, times 2**64).
-    """
+    MASK_K: words at or past w_limit read as 0 (and are not read: the last row's tail lies past the tensor)."""
     sb = tl.arange(0, NSB)
     q = tl.arange(0, 4)
     word = w0 + sb[:, None, None] * 4 + q[None, None, :]  # [NSB, 1, 4]
+    mask = row_mask[None, :, None]
+    if MASK_K:
+        mask = (mask & (word < w_limit)) if MASK_ROWS else word < w_limit
+    MASKED: tl.constexpr = MASK_ROWS or MASK_K
+    w = tl.load(w_words + rows[None, :, None] * K_WORDS + word, mask=mask if MASKED else None,
+                other=0 if MASKED else None)
+    # Each word's scale, read in the words' own layout (a word's 4 threads read the same byte, from L1): a
+    # [NSB, R] tile of scales would take another layout, and a trip through shared memory every step.
+    scale = tl.load(w_scales + rows[None, :, None] * (K_WORDS // 4) + word // 4, mask=mask if MASKED else None,
+                    other=0 if MASKED else None)
+    return w.to(tl.uint32, bitcast=True), scale
+
+
+@triton.jit
+def _dot_words(w, scale, xt, w0, K_WORDS: tl.constexpr, NSB: tl.constexpr, MASK_K: tl.constexpr):
+    """sum_k W[rows, k] x[k] per word for the words _load_step read at w0 -> [NSB, R, 4] float32.
+
+    xt points at the token's activations in GEMV layout ([8, K_WORDS] float32, times 2**64).
+    """
+    word = w0 + tl.arange(0, NSB)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :]  # [NSB, 1, 4]
     in_k = word < K_WORDS
-    w_mask = row_mask[None, :, None]
-    if MASK_K:
-        w_mask = (w_mask & in_k) if MASK_ROWS else in_k
-    w = tl.load(w_words + rows[None, :, None] * K_WORDS + word, mask=w_mask if MASK_ROWS or MASK_K else None,
-                other=0 if MASK_ROWS or MASK_K else None)
-    scol = w0 // 4 + sb[:, None]
-    s_mask = row_mask[None, :]
-    if MASK_K:
-        s_mask = (s_mask & (scol < K_WORDS // 4)) if MASK_ROWS else scol < K_WORDS // 4
-    scale = tl.load(w_scales + rows[None, :] * (K_WORDS // 4) + scol, mask=s_mask if MASK_ROWS or MASK_K else None,
-                    other=0 if MASK_ROWS or MASK_K else None)
-    w = w.to(tl.uint32, bitcast=True)
     a = ((w & 0x00080008) << 12) | ((w & 0x00070007) << 6)  # codes 0 and 4 of the word
     b = ((w & 0x00800080) << 8) | ((w & 0x00700070) << 2)  # codes 1 and 5
     c = ((w & 0x08000800) << 4) | ((w & 0x07000700) >> 2)  # codes 2 and 6
@@ -104,26 +113,33 @@ def _dot_step(w_words, w_scales, rows, row_mask, xt, w0, K_WORDS: tl.constexpr, 
     part += _hi(b) * _x(xt, 5, word, K_WORDS, in_k, MASK_K)
     part += _hi(c) * _x(xt, 6, word, K_WORDS, in_k, MASK_K)
     part += _hi(d) * _x(xt, 7, word, K_WORDS, in_k, MASK_K)
-    return tl.sum(part, axis=2) * 4.611686018427388e18 * _e8m0(scale.to(tl.int32))  # 2**62: see the docstring
+    # Scaled per word, summed over the words only at the end: a sum here would cross threads every step.
+    return part * (4.611686018427388e18 * _e8m0(scale.to(tl.int32)))  # 2**62: see the docstring
 
 
 @triton.jit
 def _dot_row_block(w_words, w_scales, rows, row_mask, xt, w_start, w_end, K_WORDS: tl.constexpr, NSB: tl.constexpr,
                    MASK_ROWS: tl.constexpr):
-    """sum over words w_start .. w_end (w_start a multiple of the step) -> [R] float32."""
+    """sum over words w_start .. w_end (w_start a multiple of the step) -> [R] float32.
+
+    Neither loading each step's weights a step ahead into registers nor Triton's pipelining through shared
+    memory (tl.range(num_stages=)) made this faster on the H100 (BENCHMARKS.md, run 32)."""
     STEP: tl.constexpr = 4 * NSB
-    acc = tl.zeros((NSB, rows.shape[0]), dtype=tl.float32)
+    acc = tl.zeros((NSB, rows.shape[0], 4), dtype=tl.float32)
     full_end = w_start + (w_end - w_start) // STEP * STEP
     for w0 in range(w_start, full_end, STEP):
-        acc += _dot_step(w_words, w_scales, rows, row_mask, xt, w0, K_WORDS, NSB, MASK_ROWS, False)
+        w, scale = _load_step(w_words, w_scales, rows, row_mask, w0, w_end, K_WORDS, NSB, MASK_ROWS, False)
+        acc += _dot_words(w, scale, xt, w0, K_WORDS, NSB, False)
     if full_end < w_end:
-        acc += _dot_step(w_words, w_scales, rows, row_mask, xt, full_end, K_WORDS, NSB, MASK_ROWS, True)
-    return tl.sum(acc, axis=0)
+        w, scale = _load_step(w_words, w_scales, rows, row_mask, full_end, w_end, K_WORDS, NSB, MASK_ROWS, True)
+        acc += _dot_words(w, scale, xt, full_end, K_WORDS, NSB, True)
+    return tl.sum(tl.sum(acc, axis=2), axis=0)
 
 
 @triton.jit
-def _gemv_layout_kernel(x_ptr, stride_x, xt_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
+def _gemv_layout_kernel(x_ptr, stride_x, xt_ptr, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per token: x [K] (any float dtype) -> float32 x * 2**64 at [k % 8, k // 8]."""
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + token * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -135,7 +151,8 @@ def gemv_layout(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     tokens, k = x.shape
     if out is None:
         out = torch.empty(tokens, 8, k // 8, dtype=torch.float32, device=x.device)
-    _gemv_layout_kernel[(tokens,)](x, x.stride(0), out, K=k, BLOCK=triton.next_power_of_2(k), num_warps=4)
+    _gemv_layout_kernel[(tokens,)](x, x.stride(0), out, K=k, BLOCK=triton.next_power_of_2(k), **pdl(x.device),
+                                   num_warps=4)
     return out
 
 
@@ -143,9 +160,10 @@ def gemv_layout(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 def _mlp1_swiglu_gemv_kernel(
     xt_ptr, ids_ptr, w_blocks, w_scales, bias_ptr, ht_ptr,
     INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
-    BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, H_DTYPE: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, H_DTYPE: tl.constexpr, PDL: tl.constexpr,
 ):
     """h = swiglu(W1 x + b1) for one (token, slot) pair, rounded to H_DTYPE and written in GEMV layout."""
+    pdl_start(PDL)
     pair = tl.program_id(0).to(tl.int64)  # token * TOPK + slot
     token = pair // TOPK
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -170,12 +188,13 @@ def _mlp1_swiglu_gemv_kernel(
 def _mlp2_combine_gemv_kernel(
     ht_ptr, ids_ptr, route_w_ptr, w_blocks, w_scales, bias_ptr, out_ptr,
     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[token] += router_weight * (W2 h + b2) for one (token, slot) pair, one block of rows, one split of K.
 
     out is float32 and filled by the caller (zeros, or the residual); every (slot, split) adds atomically.
     """
+    pdl_start(PDL)
     pair = tl.program_id(0).to(tl.int64)
     token = pair // TOPK
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,7 +265,8 @@ def moe_gemv(
     _mlp1_swiglu_gemv_kernel[grid1](
         x_gemv, expert_ids, w1, mlp1_scales, mlp1_bias, h_gemv,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
-        BLOCK_I=cfg["BLOCK_I"], BLOCK_K=cfg["BLOCK_K"], H_DTYPE=_TL_DTYPE[x.dtype], num_warps=cfg["num_warps"],
+        BLOCK_I=cfg["BLOCK_I"], BLOCK_K=cfg["BLOCK_K"], H_DTYPE=_TL_DTYPE[x.dtype], **pdl(x.device),
+        num_warps=cfg["num_warps"],
     )
     block_k = cfg["BLOCK_K"]
     if split_k is None:
@@ -265,7 +285,7 @@ def moe_gemv(
     _mlp2_combine_gemv_kernel[grid2](
         h_gemv, expert_ids, expert_weights, w2, mlp2_scales, mlp2_bias, out,
         HIDDEN=hidden, INTER=inter, TOPK=topk, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, K_PER_SPLIT=k_per_split,
-        num_warps=cfg["num_warps"],
+        **pdl(x.device), num_warps=cfg["num_warps"],
     )
     return out if stream or out.dtype == x.dtype else out.to(x.dtype)
 

@@ -33,6 +33,8 @@ from kubrick.engine.kernels._common import (
     interpreting,
     mxfp4_scale_bf16,
     mxfp4_to_bf16,
+    pdl,
+    pdl_start,
 )
 
 
@@ -45,9 +47,10 @@ SMALL_PAIRS = 512
 # (Triton would otherwise compile a variant for counts divisible by 16 and for 1, ~0.5 s each, mid-serving).
 @triton.jit(do_not_specialize=["PAIRS", "TILES"])
 def _group_by_expert_kernel(ids_ptr, pair_ids_ptr, tile_expert_ptr, PAIRS, TILES, N_EXPERTS: tl.constexpr,
-                            BLOCK_M: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr):
+                            BLOCK_M: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """One program: count pairs per expert, lay each expert's run out in whole tiles (a stable sort), and name
     each tile's expert. Replaces ~12 torch launches (scatter_add, argsort, cumsum, searchsorted …) a layer."""
+    pdl_start(PDL)
     experts = tl.arange(0, E)
     rows = tl.arange(0, CHUNK)
     counts = tl.zeros((E,), dtype=tl.int32)
@@ -88,7 +91,7 @@ def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> t
     width = triton.next_power_of_2(n_experts)
     _group_by_expert_kernel[(1,)](
         flat, pair_ids, tile_expert, pairs, tiles, N_EXPERTS=n_experts, BLOCK_M=block_m, E=width,
-        CHUNK=max(16, 4096 // width), num_warps=4,
+        CHUNK=max(16, 4096 // width), **pdl(flat.device), num_warps=4,
     )
     return pair_ids, tile_expert
 
@@ -224,8 +227,9 @@ def _mlp1_swiglu_grouped_kernel(
     INTER: tl.constexpr, HIDDEN: tl.constexpr, TOPK: tl.constexpr, alpha, limit,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_SCALED: tl.constexpr = False, FAST_FP4: tl.constexpr = False, ONE_DOT: tl.constexpr = False,
-    W_FIRST: tl.constexpr = False,
+    W_FIRST: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
     if expert < 0:
@@ -277,7 +281,9 @@ def _mlp2_combine_grouped_kernel(
     HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DOT_SCALED: tl.constexpr = False, FAST_FP4: tl.constexpr = False, W_FIRST: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
     if expert < 0:
@@ -359,7 +365,7 @@ def moe_grouped(
     _mlp1_swiglu_grouped_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
-        ONE_DOT=cfg.get("ONE_DOT", False) or common["W_FIRST"], **common,
+        ONE_DOT=cfg.get("ONE_DOT", False) or common["W_FIRST"], **common, **pdl(x.device),
     )
     # mlp2 adds its experts' rows into float32 out, which starts as the residual: one rounding, one launch less.
     accumulate = out is not None
@@ -372,6 +378,6 @@ def moe_grouped(
     common2 = _paths(asked | cfg.get("MLP2", {}))  # mlp2's own tile (its K is the intermediate size, its N hidden)
     _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, common2["BLOCK_N"]))](
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
-        HIDDEN=hidden, INTER=inter, TOPK=topk, **common2,
+        HIDDEN=hidden, INTER=inter, TOPK=topk, **common2, **pdl(x.device),
     )
     return out if accumulate else out.to(x.dtype)

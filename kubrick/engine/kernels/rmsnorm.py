@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import round_to
+from kubrick.engine.kernels._common import pdl, pdl_start, round_to
 from kubrick.engine.kernels.moe_gemv import store_gemv_layout
 
 
@@ -35,7 +35,9 @@ def residual_sum(x_ptr, y_ptr, row, stride_x, stride_y, cols, mask, ADD: tl.cons
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, stream_ptr, stride_x, stride_y, stride_out, n_cols, eps, gemv_ptr,
-                    BLOCK: tl.constexpr, GEMV: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr):
+                    BLOCK: tl.constexpr, GEMV: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr,
+                    PDL: tl.constexpr):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -70,7 +72,7 @@ def _launch(x, y, weight, eps, out, stream, gemv_out, dtype) -> torch.Tensor:
         x2, y2, weight, out2, stream if stream is not None else out2, x2.stride(0), y2.stride(0), out2.stride(0),
         n_cols, eps, gemv_out if gemv_out is not None else out2,
         BLOCK=block, GEMV=gemv_out is not None, ADD=y is not None, STREAM=stream is not None,
-        num_warps=4 if block <= 4096 else 8,
+        **pdl(x.device), num_warps=4 if block <= 4096 else 8,
     )
     return out2.view(*x.shape[:-1], n_cols)
 

@@ -13,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kubrick.engine.kernels._common import pdl, pdl_start
+
 
 @triton.jit
 def _rope_cache_kernel(
     qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
     stride_qkv, stride_cs, stride_q_t, stride_q_h, stride_k_s, stride_k_h, stride_v_s, stride_v_h,
-    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = tl.arange(0, HALF)
@@ -70,6 +73,6 @@ def rope_and_cache(
         qkv, cos, sin, positions, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1),
-        Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, num_warps=1,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=half, **pdl(qkv.device), num_warps=1,
     )
     return q

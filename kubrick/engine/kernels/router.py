@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import arrival_counters, last_to_arrive, num_sms, round_to, round_to_bf16
+from kubrick.engine.kernels._common import (arrival_counters, last_to_arrive, num_sms, pdl, pdl_start, round_to,
+                                           round_to_bf16)
 from kubrick.engine.kernels.moe_gemv import _TL_DTYPE, store_gemv_layout
 from kubrick.engine.kernels.rmsnorm import residual_sum
 
@@ -76,7 +77,9 @@ def _router_kernel(
     K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_TOPK: tl.constexpr, ROUND_BF16: tl.constexpr,
     NORM: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr, GEMV: tl.constexpr, DTYPE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
@@ -145,7 +148,7 @@ def _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gem
         K_PER_SPLIT=k_per_split, SPLITS=splits, BLOCK_E=block_e, BLOCK_K=block_k,
         BLOCK_H=triton.next_power_of_2(hidden), TOPK=k, BLOCK_TOPK=max(2, triton.next_power_of_2(k)),
         ROUND_BF16=round_logits, NORM=norm, ADD=y is not None, STREAM=stream is not None, GEMV=gemv_out is not None,
-        DTYPE=_TL_DTYPE[t.dtype if norm else x.dtype], num_warps=4,
+        DTYPE=_TL_DTYPE[t.dtype if norm else x.dtype], **pdl(x.device), num_warps=4,
     )
     return ids, weights
 

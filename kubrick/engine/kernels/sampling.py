@@ -20,15 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import num_sms
+from kubrick.engine.kernels._common import num_sms, pdl, pdl_start
 
 
 # Sizes that change with the batch are unspecialised: one compiled kernel serves every batch (a compile mid-serving
 # would stall every stream for ~0.5 s).
 @triton.jit(do_not_specialize=["V", "SPLIT", "SPLITS"])
 def _split_best_kernel(logits_ptr, stride, temperature_ptr, cut_ptr, key_ptr, best_ptr, best_id_ptr, V, SPLIT, SPLITS,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The best (score, id) of one split of one row; a lane keeps its first id on ties (strict >)."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     t = tl.load(temperature_ptr + row)
@@ -57,8 +58,9 @@ def _split_best_kernel(logits_ptr, stride, temperature_ptr, cut_ptr, key_ptr, be
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
-def _combine_kernel(best_ptr, best_id_ptr, out_ptr, SPLITS, BLOCK_S: tl.constexpr):
+def _combine_kernel(best_ptr, best_id_ptr, out_ptr, SPLITS, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     """A row's pick: the best of its splits, the lowest id among equal bests."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     best = tl.load(best_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
@@ -79,9 +81,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, cut: torch.Tensor, k
     best = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     best_id = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
     _split_best_kernel[(rows, splits)](logits, logits.stride(0), temperature, cut, key, best, best_id, vocab,
-                                       split, splits, BLOCK=block, num_warps=4)
+                                       split, splits, BLOCK=block, **pdl(logits.device), num_warps=4)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     # BLOCK_S from the vocabulary alone (splits never exceed its blocks): no new compile for a new batch size.
     block_s = triton.next_power_of_2(triton.cdiv(vocab, block))
-    _combine_kernel[(rows,)](best, best_id, out, splits, BLOCK_S=block_s, num_warps=1)
+    _combine_kernel[(rows,)](best, best_id, out, splits, BLOCK_S=block_s, **pdl(logits.device), num_warps=1)
     return out
