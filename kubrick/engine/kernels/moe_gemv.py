@@ -84,8 +84,8 @@ def _load_step(w_words, w_scales, rows, row_mask, w0, w_limit, K_WORDS: tl.const
     MASKED: tl.constexpr = MASK_ROWS or MASK_K
     w = tl.load(w_words + rows[None, :, None] * K_WORDS + word, mask=mask if MASKED else None,
                 other=0 if MASKED else None)
-    # Each word's scale, read in the words' own layout (a word's 4 threads read the same byte, from L1): a
-    # [NSB, R] tile of scales would take another layout, and a trip through shared memory every step.
+    # Each word's scale, read in the words' own layout (a group's 4 words sit in 4 threads, which read the same
+    # byte, from L1): a [NSB, R] tile of scales takes another layout, and a trip through shared memory a step.
     scale = tl.load(w_scales + rows[None, :, None] * (K_WORDS // 4) + word // 4, mask=mask if MASKED else None,
                     other=0 if MASKED else None)
     return w.to(tl.uint32, bitcast=True), scale
