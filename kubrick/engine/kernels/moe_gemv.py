@@ -20,10 +20,10 @@ so each instruction per code counts (SASS of the loop, sm90: 8.8 per code before
     (`gemv_layout`). Code j of word w meets x_t[j, w], and 4 consecutive words need one 16-byte load per j,
     where bf16 x cost a 2-byte load, a conversion and a multiply per value. mlp1 writes h in this layout for
     mlp2; rmsnorm can write it for mlp1 (`rmsnorm(..., gemv_out=)`), or moe_gemv converts x itself.
-  - Tiles are [BLOCK_K/32 groups, rows, 4 words]. On sm90 Triton 3.6 gives a thread one word of 4 rows (SASS):
-    each x load serves 4 rows, and a warp reads 128 contiguous bytes of a row. Products are scaled and summed
-    per word and summed over words only after the K loop (a sum per step crossed threads: 8 shuffles a step;
-    4.88 instructions a code against 4.97 before, in the same time on the H100).
+  - Tiles are [BLOCK_K/32 groups, rows, 4 words]. On sm90 Triton 3.6 gives a thread the 4 words of one group of
+    one row (one 16-byte load; a warp spans 16 groups of 2 rows), so each 16-byte x load serves the 2 rows of a
+    warp. Products are scaled per word and summed over words and groups only after the K loop (4.88
+    instructions a code against 4.97 when summed every step; the same time on the H100).
   - The K loop runs unmasked over whole steps, and one masked step takes the rest.
 """
 
@@ -84,8 +84,7 @@ def _load_step(w_words, w_scales, rows, row_mask, w0, w_limit, K_WORDS: tl.const
     MASKED: tl.constexpr = MASK_ROWS or MASK_K
     w = tl.load(w_words + rows[None, :, None] * K_WORDS + word, mask=mask if MASKED else None,
                 other=0 if MASKED else None)
-    # Each word's scale, read in the words' own layout (a group's 4 words sit in 4 threads, which read the same
-    # byte, from L1): a [NSB, R] tile of scales takes another layout, and a trip through shared memory a step.
+    # Each word's scale, in the words' own layout: a thread holds a group's 4 words, so this is one byte load.
     scale = tl.load(w_scales + rows[None, :, None] * (K_WORDS // 4) + word // 4, mask=mask if MASKED else None,
                     other=0 if MASKED else None)
     return w.to(tl.uint32, bitcast=True), scale
@@ -113,7 +112,7 @@ def _dot_words(w, scale, xt, w0, K_WORDS: tl.constexpr, NSB: tl.constexpr, MASK_
     part += _hi(b) * _x(xt, 5, word, K_WORDS, in_k, MASK_K)
     part += _hi(c) * _x(xt, 6, word, K_WORDS, in_k, MASK_K)
     part += _hi(d) * _x(xt, 7, word, K_WORDS, in_k, MASK_K)
-    # Scaled per word, summed over the words only at the end: a sum here would cross threads every step.
+    # Scaled per word; the sums over words and groups wait until after the K loop (a few instructions fewer).
     return part * (4.611686018427388e18 * _e8m0(scale.to(tl.int32)))  # 2**62: see the docstring
 
 
