@@ -121,15 +121,18 @@ def num_sms(device: torch.device) -> int:
 # first thing, then lets the next kernel launch. The decode step runs about 9 kernels a layer; CUDA graphs keep
 # the launches programmatic. KUBRICK_PDL=0 turns it off (to measure it, or if a driver mishandles it).
 @lru_cache(maxsize=None)
-def _pdl_on(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9 and os.environ.get("KUBRICK_PDL", "1") != "0"
+def _pdl_args(device_type: str, device_index: int | None) -> dict:
+    if device_type != "cuda" or interpreting():
+        return dict(PDL=False)
+    index = device_index if device_index is not None else torch.cuda.current_device()
+    on = torch.cuda.get_device_capability(index)[0] >= 9 and os.environ.get("KUBRICK_PDL", "1") != "0"
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 
 def pdl(device: torch.device) -> dict:
-    """Launch arguments for a kernel that starts with pdl_start(PDL): PDL on where the GPU has it."""
-    on = device.type == "cuda" and not interpreting() and _pdl_on(
-        device.index if device.index is not None else torch.cuda.current_device())
-    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
+    """Launch arguments for a kernel that starts with pdl_start(PDL): PDL on where the GPU has it. Cached per
+    device (it runs at every launch; callers spread it with **, so the cached dict is never changed)."""
+    return _pdl_args(device.type, device.index)
 
 
 @triton.jit

@@ -6,11 +6,12 @@ Two kernels per MoE block:
   mlp2: one program per (token, expert slot) x BLOCK_N output rows x split of K: it adds router_weight *
         (W2 h + b2) into a float32 sum with atomic adds. Slots and splits in the grid (rather than a loop over
         the slots) give enough programs to keep loads in flight on every SM at batch 1.
-Weights stay packed; each step covers BLOCK_K values (BLOCK_K/32 scale groups) of every row, and a group's
-32-value partial sum is multiplied by its scale once (the scale factors out of each group's dot).
+Weights stay packed; each step covers BLOCK_K values (BLOCK_K/32 scale groups) of every row, and each word's
+8-value partial sum is multiplied by its group's scale (the scale factors out of the group's dot).
 
-At batch 1 these kernels are bound by instruction issue, not memory: every 4-bit code must become a float,
-so each instruction per code counts (SASS of the loop, sm90: 8.8 per code before this layout, 5 after):
+At batch 1 these kernels are held back by issue and latency together (Nsight Compute on the H100: about 45 %
+of DRAM bandwidth and 48 % of SM throughput, BENCHMARKS.md run 32): every 4-bit code must become a float, so
+each instruction per code counts (SASS of the loop, sm90: 8.8 per code before this layout, 4.9 after):
   - Decoding ("SWAR", SIMD within a register): four packed bytes are read as one 32-bit word and turned into
     four words of two bf16 bit patterns each with 11 shift/mask ops; a bf16 pattern becomes a float32 by one
     shift or mask. The patterns put the 3 magnitude bits at the bottom of the bf16 exponent, so code 1 (0.5)
