@@ -119,13 +119,15 @@ def num_sms(device: torch.device) -> int:
 # kernel before it in the stream is still finishing, so its launch latency and the other's last, partly empty
 # wave overlap. Each such kernel must wait (griddepcontrol.wait) before it touches memory: pdl_start does that
 # first thing, then lets the next kernel launch. The decode step runs about 9 kernels a layer; CUDA graphs keep
-# the launches programmatic. KUBRICK_PDL=0 turns it off (to measure it, or if a driver mishandles it).
+# the launches programmatic. KUBRICK_PDL=0 (or false, no, off) turns it off (to measure it, or if a driver
+# mishandles it).
 @lru_cache(maxsize=None)
 def _pdl_args(device_type: str, device_index: int | None) -> dict:
     if device_type != "cuda" or interpreting():
         return dict(PDL=False)
     index = device_index if device_index is not None else torch.cuda.current_device()
-    on = torch.cuda.get_device_capability(index)[0] >= 9 and os.environ.get("KUBRICK_PDL", "1") != "0"
+    wanted = os.environ.get("KUBRICK_PDL", "1") not in ("0", "false", "no", "off")
+    on = wanted and torch.cuda.get_device_capability(index)[0] >= 9
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 
