@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels as bench  # noqa: E402  (its random experts and routing)
 
-from kubrick.engine.kernels.moe_gemv import gemv_layout, moe_gemv  # noqa: E402
+from kubrick.engine.kernels.moe_gemv import gemv_input, moe_gemv  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
         sys.exit("ncu_moe_gemv: needs a CUDA GPU")
     experts = bench.moe_weights(8)
     x = torch.randn(1, bench.HIDDEN, device="cuda", dtype=torch.bfloat16)
-    x_gemv = gemv_layout(x)
+    x_gemv = gemv_input(x)  # the table's layout (the half one on sm90)
     routes = [bench.routing(1, seed) for seed in range(8)]
     stream = torch.zeros(1, bench.HIDDEN, device="cuda", dtype=torch.float32)
     for _ in range(3):

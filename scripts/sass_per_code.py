@@ -4,7 +4,7 @@ The MoE kernels are bound by instruction issue as much as by bytes (ncu), so the
 is a figure worth watching while changing them on a machine without a GPU. The kernel is compiled for sm_90 with
 Triton's own ptxas and disassembled with its nvdisasm; the innermost backward branch is taken as the K loop.
 
-    python scripts/sass_per_code.py gemv-mlp1
+    python scripts/sass_per_code.py gemv-mlp1 [--half]
     python scripts/sass_per_code.py grouped-mlp2 --block 64,64,64 --w-first
 """
 
@@ -43,21 +43,23 @@ def kernel_and_codes(args):
 
     if args.kernel == "gemv-mlp1":
         block_i, block_k = 4, 512
-        signature = {"xt_ptr": "*fp32", "ids_ptr": "*i32", "w_blocks": "*i32", "w_scales": "*u8", "bias_ptr": "*bf16",
-                     "ht_ptr": "*fp32", "INTER": "constexpr", "HIDDEN": "constexpr", "TOPK": "constexpr",
-                     "alpha": "fp32", "limit": "fp32", "BLOCK_I": "constexpr", "BLOCK_K": "constexpr",
-                     "H_DTYPE": "constexpr", "PDL": "constexpr"}
+        layout = "*i32" if args.half else "*fp32"
+        signature = {"xt_ptr": layout, "x_mult_ptr": "*fp32", "ids_ptr": "*i32", "w_blocks": "*i32",
+                     "w_scales": "*u8", "bias_ptr": "*bf16", "ht_ptr": layout, "INTER": "constexpr",
+                     "HIDDEN": "constexpr", "TOPK": "constexpr", "alpha": "fp32", "limit": "fp32",
+                     "BLOCK_I": "constexpr", "BLOCK_K": "constexpr", "H_DTYPE": "constexpr", "HALF": "constexpr",
+                     "H_EXP": "constexpr", "PDL": "constexpr"}
         constexprs = dict(INTER=INTER, HIDDEN=HIDDEN, TOPK=4, BLOCK_I=block_i, BLOCK_K=block_k, H_DTYPE=tl.bfloat16,
-                          PDL=False)
+                          HALF=args.half, H_EXP=8, PDL=False)
         return compile_sm90(moe_gemv._mlp1_swiglu_gemv_kernel, signature, constexprs), 2 * block_i * block_k
     if args.kernel == "gemv-mlp2":
         block_n, block_k = 16, 512
-        signature = {"ht_ptr": "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32", "w_blocks": "*i32",
+        signature = {"ht_ptr": "*i32" if args.half else "*fp32", "ids_ptr": "*i32", "route_w_ptr": "*fp32", "w_blocks": "*i32",
                      "w_scales": "*u8", "bias_ptr": "*bf16", "out_ptr": "*fp32", "HIDDEN": "constexpr",
                      "INTER": "constexpr", "TOPK": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                     "K_PER_SPLIT": "constexpr", "PDL": "constexpr"}
+                     "K_PER_SPLIT": "constexpr", "HALF": "constexpr", "H_EXP": "constexpr", "PDL": "constexpr"}
         constexprs = dict(HIDDEN=HIDDEN, INTER=INTER, TOPK=4, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=1024,
-                          PDL=False)
+                          HALF=args.half, H_EXP=8, PDL=False)
         return compile_sm90(moe_gemv._mlp2_combine_gemv_kernel, signature, constexprs), block_n * block_k
     block_m, block_n, block_k = (int(v) for v in args.block.split(","))
     signature = {"h_ptr": "*bf16", "pair_ids_ptr": "*i32", "tile_expert_ptr": "*i32", "route_w_ptr": "*fp32",
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--w-first", action="store_true", help="grouped: the weights as the dot's first operand")
+    parser.add_argument("--half", action="store_true", help="gemv: the half layout (fp16 activation pairs)")
     parser.add_argument("--dot-scaled", action="store_true", help="grouped: tl.dot_scaled instead of FAST_FP4")
     args = parser.parse_args()
     kernel, codes = kernel_and_codes(args)

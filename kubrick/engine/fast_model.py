@@ -36,6 +36,7 @@ from kubrick.engine.kernels import moe, uses_gemv
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill, pick_splits
 from kubrick.engine.kernels.linear import linear
+from kubrick.engine.kernels.moe_gemv import new_gemv_input
 from kubrick.engine.kernels.rmsnorm import rmsnorm
 from kubrick.engine.kernels.rope import rope_and_cache
 from kubrick.engine.kernels.router import norm_router
@@ -252,7 +253,7 @@ class FastTransformer:
         stream = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         x_gemv = None  # at decode the MoE GEMV's input layout, written by the same kernel
         if uses_gemv(x.shape[0], c.experts_per_token, x.device):
-            x_gemv = torch.empty(x.shape[0], 8, x.shape[1] // 8, dtype=torch.float32, device=x.device)
+            x_gemv = new_gemv_input(x.shape[0], x.shape[1], attention.dtype, x.device)
         t, ids, route = norm_router(x, attention, self.w[p + "norm.scale"], c.rms_norm_eps, self.w[p + "gate.weight"],
                                     self.w[p + "gate.bias"], c.experts_per_token, stream=stream, gemv_out=x_gemv,
                                     round_logits=attention.dtype == torch.bfloat16)

@@ -28,6 +28,15 @@ def typical_steps_agree(errors: list[float]) -> bool:
     return max(errors) < 0.5 and sum(e < TYPICAL_BOUND for e in errors) >= len(errors) - max(2, len(errors) // 8)
 
 
+def from_gemv_input(g) -> torch.Tensor:
+    """The activations [T, K] (float32) a moe_gemv.GemvInput holds, read back from either layout."""
+    tokens, k = g.data.shape[0], g.data[0].numel() * (2 if g.half else 1)
+    if g.half:  # pair word j of word w: (x[8w + j], x[8w + j + 4]) times 2**e; mult is 2**(14 - e)
+        pairs = g.data.view(torch.float16).view(tokens, 4, k // 8, 2).float() * (g.mult.view(-1, 1, 1, 1) / 2**14)
+        return pairs.permute(0, 2, 3, 1).reshape(tokens, k)
+    return g.data.permute(0, 2, 1).reshape(tokens, k) / 2.0**64
+
+
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN, so an element the kernel forgets to write shows up as an error."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

@@ -7,10 +7,10 @@ import triton.language as tl
 
 from kubrick.engine.kernels import reference
 from kubrick.engine.kernels._common import mxfp4_scale_bf16, mxfp4_to_bf16
-from kubrick.engine.kernels.moe_gemv import gemv_layout, moe_gemv
+from kubrick.engine.kernels.moe_gemv import gemv_input, moe_gemv, word_dot_f16
 from kubrick.engine.kernels.moe_grouped import group_by_expert, moe_grouped
 
-from .helpers import random_moe, rel_error
+from .helpers import from_gemv_input, random_moe, rel_error
 
 
 @triton.jit
@@ -89,9 +89,53 @@ def test_moe_gemv_with_row_blocks_past_the_end(device):
 def test_moe_gemv_takes_activations_already_in_gemv_layout(device):
     x, ids, weights, w = random_moe(tokens=2, hidden=64, inter=96, experts=4, topk=2, dtype=torch.bfloat16,
                                     device=device)
-    x_gemv = gemv_layout(x)
-    assert x_gemv.shape == (2, 8, 8) and x_gemv[1, 3, 5] == x[1, 8 * 5 + 3].float() * 2.0**64
+    x_gemv = gemv_input(x)
+    assert x_gemv.data[1, 3, 5].item() != 0
+    assert torch.equal(from_gemv_input(x_gemv), x.float())
     torch.testing.assert_close(moe_gemv(x, ids, weights, *w, x_gemv=x_gemv), moe_gemv(x, ids, weights, *w))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_half_layout_holds_bf16_activations_exactly_at_any_magnitude(device, scale):
+    # The half layout (fp16 pairs times a power of two per token) is written by plain Triton, so the CPU
+    # interpreter checks it too; its largest value lands in [2**13, 2**14], where sums of 8 products stay in fp16.
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 64, generator=gen) * scale).to(device=device, dtype=torch.bfloat16)
+    x[2] = 0  # an all-zero row must not give an infinite factor
+    g = gemv_input(x, config=dict(HALF=True))
+    assert g.half and g.data.shape == (3, 4, 8)
+    assert torch.equal(from_gemv_input(g), x.float())
+    largest = g.data.view(torch.float16).float().abs().amax(dim=(1, 2))
+    assert ((largest[:2] >= 2**13) & (largest[:2] <= 2**14)).all() and largest[2] == 0
+
+
+@triton.jit
+def _word_dot_kernel(w_ptr, x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x0, x1 = tl.load(x_ptr + offs * 4), tl.load(x_ptr + offs * 4 + 1)
+    x2, x3 = tl.load(x_ptr + offs * 4 + 2), tl.load(x_ptr + offs * 4 + 3)
+    tl.store(out_ptr + offs, word_dot_f16(tl.load(w_ptr + offs), x0, x1, x2, x3))
+
+
+@pytest.mark.gpu  # inline PTX: the CPU interpreter cannot run it
+def test_word_dot_f16_sums_every_code_exactly():
+    # Every code in every nibble, against activations that keep the 8-product sums exact in fp16: the word's
+    # sum of code * x must come out as the reference's, times 2**-14, with no rounding at all.
+    gen = torch.Generator().manual_seed(4)
+    words = torch.randint(0, 2**32, (4096,), generator=gen, dtype=torch.int64)
+    words[:16] = torch.tensor([0x11111111 * n for n in range(16)])  # each code in all 8 nibbles
+    codes = reference.dequant_mxfp4(words.to(torch.int32).view(torch.uint8).view(-1, 1, 4),
+                                    torch.full((4096, 1), 127, dtype=torch.uint8)).view(-1, 8)
+    # Sums stay exact: small x are multiples of 64 up to 512 (sums are multiples of 2**-9 below 2), large ones
+    # +-2**14, the half layout's largest (sums of multiples of 0.5 up to 48).
+    small = torch.randint(-8, 9, (2048, 8), generator=gen) * 64
+    large = torch.randint(-1, 2, (2048, 8), generator=gen) * 2**14
+    x = torch.cat([small, large]).float()
+    expected = (codes * x).sum(dim=1) * 2.0**-14
+    pairs = torch.stack([x[:, :4], x[:, 4:]], dim=-1).to(torch.float16).contiguous().view(torch.int32).view(-1, 4)
+    out = torch.empty(4096, device="cuda")
+    _word_dot_kernel[(4,)](words.to(torch.int32).cuda(), pairs.cuda(), out, BLOCK=1024)
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
 
 
 def test_group_by_expert_covers_every_pair_once_in_single_expert_tiles(device):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kubrick.engine.kernels import reference
-from kubrick.engine.kernels.moe_gemv import gemv_layout
+from kubrick.engine.kernels.moe_gemv import gemv_input, new_gemv_input
 from kubrick.engine.kernels.rmsnorm import add_rmsnorm, rmsnorm
 from kubrick.engine.kernels.router import norm_router, router
 
@@ -21,13 +21,25 @@ def test_rmsnorm_matches_reference(device, dtype, bound):
     assert rel_error(out, reference.rmsnorm(x, w)) < bound
 
 
-def test_rmsnorm_also_writes_the_moe_gemv_layout(device):
+def _poison(g):
+    """Every byte of a GemvInput's buffers 0xFF (NaN in both layouts), so an entry left unwritten shows."""
+    for t in (g.data, g.mult) if g.half else (g.data,):
+        t.view(torch.uint8).fill_(0xFF)
+    return g
+
+
+def _same_gemv_input(a, b) -> bool:
+    return torch.equal(a.data, b.data) and (not a.half or torch.equal(a.mult, b.mult))
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_rmsnorm_also_writes_the_moe_gemv_layout(device, half):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
     w = torch.randn(64, generator=gen).to(device)
-    gemv = torch.full((3, 8, 8), float("nan"), device=device)
+    gemv = _poison(new_gemv_input(3, 64, torch.bfloat16, device, config=dict(HALF=half)))
     out = rmsnorm(x, w, gemv_out=gemv)
-    torch.testing.assert_close(gemv, gemv_layout(out), rtol=0, atol=0)  # every entry written, exactly
+    assert gemv.half == half and _same_gemv_input(gemv, gemv_input(out, config=dict(HALF=half)))  # every entry
 
 
 def test_rmsnorm_of_a_float32_stream_rounds_it_to_the_model_dtype_first(device):
@@ -91,7 +103,8 @@ def test_router_can_round_logits_to_bf16_like_a_bf16_matmul(device):
     assert rel_error(weights, ref_weights) < 1e-5
 
 
-@pytest.mark.parametrize("tokens,hidden,gemv", [(1, 600, True), (3, 96, True), (5, 200, False)])
+@pytest.mark.parametrize("tokens,hidden,gemv", [(1, 600, "float32"), (1, 600, "half"), (3, 96, "half"),
+                                               (3, 96, "float32"), (5, 200, None)])
 def test_norm_router_is_the_residual_add_the_norm_and_the_router_in_one_launch(device, tokens, hidden, gemv):
     # 1 token of 600 splits the row over several programs (the last to arrive takes the top-k); the others
     # use one program per token. It must give what add_rmsnorm then router give, and fill every output.
@@ -102,14 +115,16 @@ def test_norm_router_is_the_residual_add_the_norm_and_the_router_in_one_launch(d
     w = torch.randn(32, hidden, generator=gen).to(device=device, dtype=torch.bfloat16)
     b = torch.randn(32, generator=gen).to(device=device, dtype=torch.bfloat16)
     stream = torch.full((tokens, hidden), float("nan"), device=device)
-    x_gemv = torch.full((tokens, 8, hidden // 8), float("nan"), device=device) if gemv else None
+    x_gemv = None
+    if gemv:  # the GEMV's input layout, float32 or half (whose factor needs the largest |t| of the whole row)
+        x_gemv = _poison(new_gemv_input(tokens, hidden, torch.bfloat16, device, config=dict(HALF=gemv == "half")))
     for _ in range(2):  # twice: the arrival counters must be left ready for the next launch
         t, ids, weights = norm_router(x, y, norm_w, 1e-5, w, b, 4, stream=stream, gemv_out=x_gemv, round_logits=True)
         h = x.to(torch.bfloat16) + y
         assert torch.equal(stream, h.float())
         assert t.dtype == torch.bfloat16 and rel_error(t, reference.rmsnorm(h, norm_w)) < 1e-2
         if gemv:
-            torch.testing.assert_close(x_gemv, gemv_layout(t), rtol=0, atol=0)
+            assert _same_gemv_input(x_gemv, gemv_input(t, config=dict(HALF=gemv == "half")))
         rounded = (t.float() @ w.float().T + b.float()).to(torch.bfloat16).float()
         assert torch.equal(rounded.gather(1, ids.long()), rounded.topk(4, dim=-1).values)
         _, ref_weights = reference.router(t, w, b, 4, round_logits=True)

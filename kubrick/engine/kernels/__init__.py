@@ -23,8 +23,12 @@ computes bf16 tl.dot wrong. kubrick/engine/fast_model.py runs the whole model on
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kubrick.engine.kernels.moe_gemv import GemvInput
 
 if not torch.cuda.is_available():
     # Without a GPU, compiled Triton cannot run at all; the interpreter can (slowly). triton.jit reads this
@@ -42,7 +46,7 @@ def uses_gemv(tokens: int, topk: int, device: torch.device) -> bool:
 
 
 def moe(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor, *weights,
-        x_gemv: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        x_gemv: GemvInput | None = None, residual: torch.Tensor | None = None,
         out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """The MXFP4 MoE block (arguments as kernels.reference.moe): GEMV for few tokens, grouped tiles for many.
 

@@ -21,7 +21,8 @@ def interpreting() -> bool:
 # parts) have ~100 KB, so the tl.dot kernels use fewer pipeline stages there. The GEMV kernels only stream
 # weights through registers and use the same shapes everywhere. "interp" is for TRITON_INTERPRET=1 (CPU):
 # small tiles keep the interpreter fast.
-#   moe_gemv: BLOCK_I (mlp1 output pairs per program), BLOCK_N (mlp2 rows), BLOCK_K (values per step), warps;
+#   moe_gemv: BLOCK_I (mlp1 output pairs per program), BLOCK_N (mlp2 rows), BLOCK_K (values per step), warps,
+#             MLP2 (mlp2's own BLOCK_N / BLOCK_K / warps), HALF (the half layout, see moe_gemv.py);
 #             MAX_PAIRS: moe() takes the GEMV up to this many (token, expert) pairs, the grouped kernel above
 #   moe_grouped: BLOCK_M (token rows per expert tile), BLOCK_N, BLOCK_K, warps, stages (prefill), DOT_SCALED
 #                (tl.dot_scaled on the packed weights instead of our dequantise + tl.dot; see moe_grouped.py),
@@ -74,8 +75,12 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 #   at 128 tokens the small table still wins (358 against 395). `--sweep-tables` (H200, 13:24 UTC): 388 / 412
 #   against 397 / 398 us at 144 / 160 tokens, so MAX_PAIRS 576 (144 tokens). 128 x 64 x 64 tiles would take
 #   another 11 % at 2048.
+# - The decode GEMV on the half layout (HALF: fp16 activation pairs, f16x2 fmas in inline PTX; moe_gemv.py), whose
+#   mlp1 takes 8 output pairs over 1024 values with 8 warps and mlp2 8 rows: 30.8 / 146.0 us a layer at 1 / 8
+#   tokens against 36.4 / 192.4 on the float32 layout (BENCHMARKS.md, run 33).
 _TABLE["sm90"] = _TABLE["big_smem"] | {
-    "moe_gemv": _TABLE["big_smem"]["moe_gemv"] | dict(MAX_PAIRS=32),
+    "moe_gemv": dict(BLOCK_I=8, BLOCK_K=1024, num_warps=8, MLP2=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
+                     MAX_PAIRS=32, HALF=True),
     "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=5, FAST_FP4=True, W_FIRST=True,
                         MLP2=dict(BLOCK_N=128, num_warps=4)),
     # mlp2 (K = intermediate, N = hidden) on its own tile of 256 rows x 64 values: 279 vs 294 us at 64 tokens;

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kubrick.engine.kernels._common import pdl, pdl_start, round_to
-from kubrick.engine.kernels.moe_gemv import store_gemv_layout
+from kubrick.engine.kernels.moe_gemv import GemvInput, store_gemv_input
 
 
 @triton.jit
@@ -35,8 +35,8 @@ def residual_sum(x_ptr, y_ptr, row, stride_x, stride_y, cols, mask, ADD: tl.cons
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, stream_ptr, stride_x, stride_y, stride_out, n_cols, eps, gemv_ptr,
-                    BLOCK: tl.constexpr, GEMV: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr,
-                    PDL: tl.constexpr):
+                    gemv_mult_ptr, BLOCK: tl.constexpr, GEMV: tl.constexpr, HALF: tl.constexpr, ADD: tl.constexpr,
+                    STREAM: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -47,10 +47,11 @@ def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, stream_ptr, stride_x, stride_y
         tl.store(stream_ptr + row * n_cols + cols, x, mask=mask)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    y = x * inv_rms * w
-    tl.store(out_ptr + row * stride_out + cols, y.to(DTYPE), mask=mask)
+    y = (x * inv_rms * w).to(DTYPE)
+    tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
     if GEMV:
-        store_gemv_layout(gemv_ptr + row * n_cols, cols, y.to(DTYPE).to(tl.float32), n_cols, mask)
+        y = y.to(tl.float32)
+        store_gemv_input(gemv_ptr, gemv_mult_ptr, row, cols, y, n_cols, mask, tl.max(tl.abs(y), axis=0), True, HALF)
 
 
 def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -70,25 +71,27 @@ def _launch(x, y, weight, eps, out, stream, gemv_out, dtype) -> torch.Tensor:
     block = triton.next_power_of_2(n_cols)
     _rmsnorm_kernel[(x2.shape[0],)](
         x2, y2, weight, out2, stream if stream is not None else out2, x2.stride(0), y2.stride(0), out2.stride(0),
-        n_cols, eps, gemv_out if gemv_out is not None else out2,
-        BLOCK=block, GEMV=gemv_out is not None, ADD=y is not None, STREAM=stream is not None,
+        n_cols, eps, gemv_out.data if gemv_out is not None else out2,
+        gemv_out.mult if gemv_out is not None and gemv_out.half else out2,
+        BLOCK=block, GEMV=gemv_out is not None, HALF=gemv_out is not None and gemv_out.half, ADD=y is not None,
+        STREAM=stream is not None,
         **pdl(x.device), num_warps=4 if block <= 4096 else 8,
     )
     return out2.view(*x.shape[:-1], n_cols)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out: torch.Tensor | None = None,
-            gemv_out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+            gemv_out: GemvInput | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., H] (last dim contiguous), weight [H] -> RMSNorm(x) * weight in `dtype` (default x's dtype).
 
     A float32 x with a narrower `dtype` is rounded to it first: x is then the float32 residual stream.
-    gemv_out: a float32 [rows, 8, H/8] buffer that also receives the result in moe_gemv's input layout.
+    gemv_out: a GemvInput (moe_gemv.new_gemv_input) that also receives the result in moe_gemv's input layout.
     """
     return _launch(x, None, weight, eps, out, None, gemv_out, dtype)
 
 
 def add_rmsnorm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
-                stream: torch.Tensor | None = None, gemv_out: torch.Tensor | None = None) -> torch.Tensor:
+                stream: torch.Tensor | None = None, gemv_out: GemvInput | None = None) -> torch.Tensor:
     """RMSNorm(h) * weight in y's dtype, where h = x + y summed as y's dtype sums (x, if float32, rounded to
     y's dtype first). stream: a float32 buffer shaped like x that receives h (it may be x itself)."""
     return _launch(x, y, weight, eps, None, stream, gemv_out, y.dtype)

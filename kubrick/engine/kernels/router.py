@@ -23,7 +23,7 @@ import triton.language as tl
 
 from kubrick.engine.kernels._common import (arrival_counters, last_to_arrive, num_sms, pdl, pdl_start, round_to,
                                            round_to_bf16)
-from kubrick.engine.kernels.moe_gemv import _TL_DTYPE, store_gemv_layout
+from kubrick.engine.kernels.moe_gemv import _TL_DTYPE, GemvInput, store_gemv_input
 from kubrick.engine.kernels.rmsnorm import residual_sum
 
 
@@ -52,9 +52,9 @@ def _top_k_softmax(logits, experts, valid_e, b_ptr, ids_ptr, weights_ptr, token,
 
 
 @triton.jit
-def _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, token, stride_x, stride_y, hidden, inv_rms,
-                  cols, valid_k, NORM: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr, GEMV: tl.constexpr,
-                  DTYPE: tl.constexpr):
+def _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, gemv_mult_ptr, token, stride_x, stride_y,
+                  hidden, inv_rms, t_max, first, cols, valid_k, NORM: tl.constexpr, ADD: tl.constexpr,
+                  STREAM: tl.constexpr, GEMV: tl.constexpr, HALF: tl.constexpr, DTYPE: tl.constexpr):
     """Columns `cols` of what the router reads (float32): x itself, or the norm's output, which is then also
     written everywhere it is wanted (t, and h to the stream, t in the GEMV layout)."""
     if NORM:
@@ -63,8 +63,8 @@ def _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, token, 
         tl.store(t_ptr + token * hidden + cols, t.to(DTYPE), mask=valid_k)
         if STREAM:
             tl.store(stream_ptr + token * hidden + cols, h, mask=valid_k)
-        if GEMV:
-            store_gemv_layout(gemv_ptr + token * hidden, cols, t, hidden, valid_k)
+        if GEMV:  # t_max: the row's largest |t| (for the half layout); `first`: the program that writes its factor
+            store_gemv_input(gemv_ptr, gemv_mult_ptr, token, cols, t, hidden, valid_k, t_max, first, HALF)
     else:
         t = tl.load(x_ptr + token * stride_x + cols, mask=valid_k, other=0.0).to(tl.float32)
     return t
@@ -72,12 +72,12 @@ def _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, token, 
 
 @triton.jit
 def _router_kernel(
-    x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, w_ptr, b_ptr, partial_ptr, counter_ptr, ids_ptr,
+    x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, gemv_mult_ptr, w_ptr, b_ptr, partial_ptr, counter_ptr, ids_ptr,
     weights_ptr, stride_x, stride_y, n_experts, hidden, eps,
     K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_TOPK: tl.constexpr, ROUND_BF16: tl.constexpr,
-    NORM: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr, GEMV: tl.constexpr, DTYPE: tl.constexpr,
-    PDL: tl.constexpr,
+    NORM: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr, GEMV: tl.constexpr, HALF: tl.constexpr,
+    DTYPE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
@@ -91,21 +91,28 @@ def _router_kernel(
         w_slice = tl.load(w_ptr + experts[:, None] * hidden + cols[None, :],
                           mask=valid_e[:, None] & valid_k[None, :], other=0.0)
     inv_rms = 1.0
+    t_max = 0.0
     if NORM:  # the row's statistics, as kernels/rmsnorm.py computes them
         row = tl.arange(0, BLOCK_H)
+        if HALF:  # the half layout's factor needs the whole row's largest |t|, so all of the norm's weights
+            norm_w = tl.load(norm_w_ptr + row, mask=row < hidden, other=0.0).to(tl.float32)
         whole = residual_sum(x_ptr, y_ptr, token, stride_x, stride_y, row, row < hidden, ADD, DTYPE)
         inv_rms = tl.rsqrt(tl.sum(whole * whole, axis=0) / hidden + eps)
+        if HALF:
+            t_max = tl.max(tl.abs(round_to(whole * inv_rms * norm_w, DTYPE)), axis=0)
     if ONE_STEP:
-        t = _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, token, stride_x, stride_y, hidden,
-                          inv_rms, cols, valid_k, NORM, ADD, STREAM, GEMV, DTYPE)
+        t = _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, gemv_mult_ptr, token, stride_x,
+                          stride_y, hidden, inv_rms, t_max, split == 0, cols, valid_k, NORM, ADD, STREAM, GEMV, HALF,
+                          DTYPE)
         logits = tl.sum(w_slice.to(tl.float32) * t[None, :], axis=1)
     else:
         acc = tl.zeros((BLOCK_E, BLOCK_K), dtype=tl.float32)
         for k0 in range(split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             valid_k = cols < hidden
-            t = _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, token, stride_x, stride_y,
-                              hidden, inv_rms, cols, valid_k, NORM, ADD, STREAM, GEMV, DTYPE)
+            t = _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, gemv_mult_ptr, token, stride_x,
+                              stride_y, hidden, inv_rms, t_max, split == 0, cols, valid_k, NORM, ADD, STREAM, GEMV,
+                              HALF, DTYPE)
             w = tl.load(w_ptr + experts[:, None] * hidden + cols[None, :],
                         mask=valid_e[:, None] & valid_k[None, :], other=0.0)
             acc += w.to(tl.float32) * t[None, :]
@@ -143,12 +150,13 @@ def _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gem
     norm = norm_weight is not None
     _router_kernel[(tokens, splits)](
         x, y if y is not None else x, norm_weight if norm else x, t if norm else x,
-        stream if stream is not None else x, gemv_out if gemv_out is not None else x, weight, bias, partial,
+        stream if stream is not None else x, gemv_out.data if gemv_out is not None else x,
+        gemv_out.mult if gemv_out is not None and gemv_out.half else x, weight, bias, partial,
         counters, ids, weights, x.stride(0), y.stride(0) if y is not None else 0, n_experts, hidden, eps,
         K_PER_SPLIT=k_per_split, SPLITS=splits, BLOCK_E=block_e, BLOCK_K=block_k,
         BLOCK_H=triton.next_power_of_2(hidden), TOPK=k, BLOCK_TOPK=max(2, triton.next_power_of_2(k)),
         ROUND_BF16=round_logits, NORM=norm, ADD=y is not None, STREAM=stream is not None, GEMV=gemv_out is not None,
-        DTYPE=_TL_DTYPE[t.dtype if norm else x.dtype], **pdl(x.device), num_warps=4,
+        HALF=gemv_out is not None and gemv_out.half, DTYPE=_TL_DTYPE[t.dtype if norm else x.dtype], **pdl(x.device), num_warps=4,
     )
     return ids, weights
 
@@ -163,14 +171,14 @@ def router(
 def norm_router(
     x: torch.Tensor, y: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
     bias: torch.Tensor, k: int, dtype: torch.dtype | None = None, stream: torch.Tensor | None = None,
-    gemv_out: torch.Tensor | None = None, round_logits: bool = False,
+    gemv_out: GemvInput | None = None, round_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """t = RMSNorm(h) * norm_weight, routed -> (t [T, H], expert ids, routing weights), in one launch.
 
     h = x + y summed as `dtype` sums (default y's dtype, or x's without y; x, if float32 and dtype narrower, is
     the float32 stream and is rounded to dtype first), as rmsnorm.add_rmsnorm computes it. stream: a float32
-    [T, H] buffer (not x itself) that receives h. gemv_out: a float32 [T, 8, H/8] buffer that also receives t
-    in moe_gemv's input layout.
+    [T, H] buffer (not x itself) that receives h. gemv_out: a GemvInput for T rows of H (moe_gemv.new_gemv_input)
+    that also receives t in moe_gemv's input layout.
     """
     tokens, hidden = x.shape
     dtype = dtype or (y.dtype if y is not None else x.dtype)
@@ -180,7 +188,8 @@ def norm_router(
     if stream is not None:
         assert stream.dtype == torch.float32 and stream.is_contiguous() and stream.shape == x.shape
     if gemv_out is not None:
-        assert gemv_out.dtype == torch.float32 and gemv_out.is_contiguous() and gemv_out.numel() == x.numel()
+        assert gemv_out.data.is_contiguous() and gemv_out.data.shape[0] == tokens
+        assert gemv_out.data.numel() * gemv_out.data.element_size() == x.numel() * (2 if gemv_out.half else 4)
     ids, weights = _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gemv_out)
     return t, ids, weights
 
