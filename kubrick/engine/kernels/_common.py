@@ -68,7 +68,8 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # - Small steps: our inline-PTX decode (FAST_FP4) on tl.dot in 16-row tiles. It beat tl.dot_scaled (which took
 #   the packed weights as stored, but whose MXFP4 upcast costs ~9 instructions a code against ~4.4): 287 / 295 /
 #   297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens (`--sweep-small`). The GEMV keeps up
-#   to 8 tokens (195 us against 235).
+#   to 14 tokens: on the half layout 146 / 204 / 239 us against the grouped kernel's 209 / 244 / 252 at 8 / 12 /
+#   14 tokens, 269 against 258 at 16 (H100, BENCHMARKS.md run 33).
 # - Larger steps: FAST_FP4 with the weights as the dot's first operand (W_FIRST: wgmma's register operand, see
 #   moe_grouped.py) in 64 x 64 x 32 tiles, which replaced dot_scaled's 128-row tiles (`--sweep-w-first`, H200,
 #   2026-11-23): 410 / 605 / 986 / 1798 us against 545 / 855 / 1233 / 2045 at 256 / 512 / 1024 / 2048 tokens;
@@ -80,7 +81,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 #   tokens against 36.4 / 192.4 on the float32 layout (BENCHMARKS.md, run 33).
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": dict(BLOCK_I=8, BLOCK_K=1024, num_warps=8, MLP2=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
-                     MAX_PAIRS=32, HALF=True),
+                     MAX_PAIRS=4 * 14, HALF=True),
     "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=5, FAST_FP4=True, W_FIRST=True,
                         MLP2=dict(BLOCK_N=128, num_warps=4)),
     # mlp2 (K = intermediate, N = hidden) on its own tile of 256 rows x 64 values: 279 vs 294 us at 64 tokens;
