@@ -439,9 +439,18 @@ def sweep_linear(layers: int) -> list[dict]:
     return rows
 
 
+DECODE_GEMV_SWEEP = [  # {} is the table; HALF=False the float32 layout; the rest half-layout block shapes
+    {}, dict(HALF=False), dict(HALF=False, BLOCK_I=4, BLOCK_K=512, num_warps=4, MLP2=dict(BLOCK_N=16)),
+    dict(BLOCK_I=4, BLOCK_K=512, num_warps=4, MLP2=dict(BLOCK_N=16)),
+    dict(BLOCK_I=4, BLOCK_K=1024, num_warps=8), dict(MLP2=dict(BLOCK_N=16)),
+    dict(MLP2=dict(BLOCK_N=32, BLOCK_K=1024, num_warps=8)),
+]
+
+
 def sweep_decode_gemvs(layers: int) -> list[dict]:
-    """The one-token GEMVs: moe_gemv at 1 and 8 tokens over block shapes, and kernels.linear against cuBLAS at the
-    out-projection, QKV and unembedding shapes."""
+    """The one-token GEMVs: moe_gemv at 1 and 8 tokens over DECODE_GEMV_SWEEP, the table's moe_gemv against
+    moe_grouped at 8-24 tokens, and kernels.linear against cuBLAS at the out-projection, QKV and unembedding
+    shapes."""
     import torch.nn.functional as F
 
     from kubrick.engine.kernels.linear import linear
@@ -452,13 +461,19 @@ def sweep_decode_gemvs(layers: int) -> list[dict]:
     for tokens in (1, 8):
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
         routes = [routing(tokens, seed) for seed in range(layers)]
-        for block_i, block_n, block_k in ((4, 16, 512), (4, 16, 256), (8, 16, 256), (4, 8, 512), (8, 32, 256)):
-            cfg = dict(BLOCK_I=block_i, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        for cfg in DECODE_GEMV_SWEEP:
             calls = [lambda r=r, w=w, cfg=cfg: moe_gemv(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
             us = time_per_call(calls) * 1e6
             rows.append(dict(kernel="moe_gemv", tokens=tokens, config=cfg, us=us))
             note = f"  ({moe_bytes / us / 1e3:.0f} GB/s)" if tokens == 1 else ""
-            print(f"sweep-decode moe_gemv T={tokens} {cfg}: {us:.1f} us{note}", flush=True)
+            print(f"sweep-decode moe_gemv T={tokens} {cfg or 'the table'}: {us:.1f} us{note}", flush=True)
+    for tokens in (8, 12, 14, 16, 24):  # where moe()'s MAX_PAIRS belongs: the table's GEMV against grouped tiles
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
+        routes = [routing(tokens, seed) for seed in range(layers)]
+        for name, fn in (("moe_gemv", moe_gemv), ("moe_grouped", moe_grouped)):
+            us = time_per_call([lambda r=r, w=w, fn=fn: fn(x, *r, *w) for r, w in zip(routes, experts)]) * 1e6
+            rows.append(dict(kernel=name, tokens=tokens, config={}, us=us))
+            print(f"sweep-decode {name} T={tokens} (the table): {us:.1f} us", flush=True)
     del experts
     torch.cuda.empty_cache()
     shapes = ((HIDDEN, Q_HEADS * HEAD_DIM, layers), ((Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, layers),

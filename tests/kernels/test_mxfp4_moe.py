@@ -109,6 +109,14 @@ def test_half_layout_holds_bf16_activations_exactly_at_any_magnitude(device, sca
     assert ((largest[:2] >= 2**13) & (largest[:2] <= 2**14)).all() and largest[2] == 0
 
 
+def test_kubrick_gemv_half_off_keeps_the_float32_layout(device, monkeypatch):
+    x = torch.randn(2, 64).to(device=device, dtype=torch.bfloat16)
+    assert gemv_input(x, config=dict(HALF=True)).half
+    monkeypatch.setenv("KUBRICK_GEMV_HALF", "off")
+    g = gemv_input(x, config=dict(HALF=True))
+    assert not g.half and g.data.dtype == torch.float32 and torch.equal(from_gemv_input(g), x.float())
+
+
 @triton.jit
 def _word_dot_kernel(w_ptr, x_ptr, out_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

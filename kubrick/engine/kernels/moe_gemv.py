@@ -39,6 +39,7 @@ each instruction per code counts (SASS of the loop, sm90: 8.8 per code before th
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -238,8 +239,11 @@ class GemvInput(NamedTuple):
 
 
 def uses_half(dtype: torch.dtype, device: torch.device, config: dict | None = None) -> bool:
-    """Whether moe_gemv takes the half layout: on GPUs whose table says so (inline PTX), for bf16 / fp16 x."""
+    """Whether moe_gemv takes the half layout: on GPUs whose table says so (inline PTX), for bf16 / fp16 x, unless
+    KUBRICK_GEMV_HALF is 0 / false / no / off (to measure it, or to rule its fp16 sums out)."""
     cfg = block_config("moe_gemv", device) | (config or {})
+    if os.environ.get("KUBRICK_GEMV_HALF", "1").lower() in ("0", "false", "no", "off"):
+        return False
     return bool(cfg.get("HALF", False)) and dtype in (torch.bfloat16, torch.float16)
 
 
