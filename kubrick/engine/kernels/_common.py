@@ -77,8 +77,8 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 #   against 397 / 398 us at 144 / 160 tokens, so MAX_PAIRS 576 (144 tokens). 128 x 64 x 64 tiles would take
 #   another 11 % at 2048.
 # - The decode GEMV on the half layout (HALF: fp16 activation pairs, f16x2 fmas in inline PTX; moe_gemv.py), whose
-#   mlp1 takes 8 output pairs over 1024 values with 8 warps and mlp2 8 rows: 30.8 / 146.0 us a layer at 1 / 8
-#   tokens against 36.4 / 192.4 on the float32 layout (BENCHMARKS.md, run 33).
+#   mlp1 takes 8 output pairs over 1024 values with 8 warps and mlp2 8 rows: 29.7 / 139.2 us a layer at 1 / 8
+#   tokens against 36.0 / 191.2 on the float32 layout with its own best blocks (BENCHMARKS.md, run 33).
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": dict(BLOCK_I=8, BLOCK_K=1024, num_warps=8, MLP2=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
                      MAX_PAIRS=4 * 14, HALF=True),

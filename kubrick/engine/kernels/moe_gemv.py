@@ -24,9 +24,9 @@ each instruction per code counts (SASS of the loop, sm90: 8.8 per code before th
   - The half layout (HALF, sm90's table, bf16 / fp16 models): fp16 pairs (x[8w + j], x[8w + j + 4]) in one
     32-bit word, x times a power of two per token (its largest |x| lands in [2**13, 2**14]; h, bounded by
     swiglu's clamp, gets a fixed one). A code pair becomes an f16x2 of code * 2**-14 and one f16x2 fma does two
-    products, so a word of 8 codes takes 4 fmas, 4 activation loads per 4 words and 2 conversions
-    (`word_dot_f16`, inline PTX): 3.6 instructions a code in mlp1's loop against 4.9 (`sass_per_code.py
-    --half`), 30.8 against 36.4 us a layer at 1 token on the H100. bf16 activations fit fp16 exactly and every
+    products, so a word of 8 codes takes 11 decode instructions, 4 fmas, one activation load and 2 conversions
+    (`word_dot_f16`, inline PTX): 3.2 instructions a code in mlp1's loop against 4.9 (`sass_per_code.py
+    --half`), 30.0 against 36.4 us a layer at 1 token on the H100. bf16 activations fit fp16 exactly and every
     product is exact; the 8-product sums round to fp16 (11 bits), 2e-3 apart from the float32 layout in the
     bf16 outputs (about their own rounding).
   - Tiles are [BLOCK_K/32 groups, rows, 4 words]. On sm90 Triton 3.6 gives a thread the 4 words of one group of
@@ -96,19 +96,18 @@ def store_gemv_input(data_ptr, mult_ptr, row, cols, values, K, mask, row_max, wr
         store_gemv_layout(data_ptr + row * K, cols, values, K, mask)
 
 
-# One packed word (8 codes) against its four fp16 activation pairs -> the float32 sum of the 8 products. Each
-# code pair (j, j + 4) becomes an f16x2 of code * 2**-14 (magnitude bits to fp16 bits 9-11, a subnormal for
-# code 0.5, sign to bit 15); one f16x2 multiply and three fmas sum the eight products, and the two halves are
-# added in float32.
+# One packed word (8 codes) against its four fp16 activation pairs -> the float32 sum of the 8 products. A code
+# becomes the high byte of an fp16 (sign to bit 7, magnitude to bits 1-3: code * 2**-14, a subnormal for 0.5):
+# u holds the even codes 0 2 4 6 so made, one a byte, v the odd ones; a byte permute (prmt) or a mask then puts
+# the pair (j, j + 4) in the two halves of one f16x2 (11 instructions for 8 codes). One f16x2 multiply and three
+# fmas sum the eight products, and the two halves are added in float32.
 _WORD_DOT_PTX = tl.constexpr(
-    "{\n.reg .b32 a, b, c, d, t, s;\n.reg .b16 lo, hi;\n.reg .f32 flo, fhi;\n"
-    + "".join(
-        f"{shift}.b32 t, $1, {amount};\n" + (f"shl.b32 s, $1, {sign};\n" if sign else "mov.b32 s, $1;\n")
-        + f"and.b32 s, s, 0x80008000;\nlop3.b32 {out}, t, 0x0E000E00, s, 0xEA;\n"
-        for out, shift, amount, sign in (("a", "shl", 9, 12), ("b", "shl", 5, 8), ("c", "shl", 1, 4),
-                                         ("d", "shr", 3, 0)))
-    + "mul.rn.f16x2 a, a, $2;\nfma.rn.f16x2 a, b, $3, a;\nfma.rn.f16x2 a, c, $4, a;\nfma.rn.f16x2 a, d, $5, a;\n"
-    + "mov.b32 {lo, hi}, a;\ncvt.f32.f16 flo, lo;\ncvt.f32.f16 fhi, hi;\nadd.f32 $0, flo, fhi;\n}"
+    "{\n.reg .b32 u, v, t, a, b, c, d, z;\n.reg .b16 lo, hi;\n.reg .f32 flo, fhi;\nmov.b32 z, 0;\n"
+    "shl.b32 t, $1, 1;\nand.b32 u, t, 0x0E0E0E0E;\nshl.b32 t, $1, 4;\nlop3.b32 u, t, 0x80808080, u, 0xEA;\n"
+    "shr.b32 t, $1, 3;\nand.b32 v, t, 0x0E0E0E0E;\nlop3.b32 v, $1, 0x80808080, v, 0xEA;\n"
+    "prmt.b32 a, u, z, 0x2404;\nand.b32 c, u, 0xFF00FF00;\nprmt.b32 b, v, z, 0x2404;\nand.b32 d, v, 0xFF00FF00;\n"
+    "mul.rn.f16x2 a, a, $2;\nfma.rn.f16x2 a, b, $3, a;\nfma.rn.f16x2 a, c, $4, a;\nfma.rn.f16x2 a, d, $5, a;\n"
+    "mov.b32 {lo, hi}, a;\ncvt.f32.f16 flo, lo;\ncvt.f32.f16 fhi, hi;\nadd.f32 $0, flo, fhi;\n}"
 )
 
 
