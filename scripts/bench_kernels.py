@@ -399,13 +399,19 @@ def sweep_gemv_splits(layers: int) -> list[dict]:
                     rows.append(dict(kernel="moe_gemv", tokens=tokens, config=cfg | {"split_k": split_k}, us=us))
                     print(f"sweep moe_gemv T={tokens} I={block_i} N={block_n} K={block_k} split={split_k}: {us:.1f} us",
                           flush=True)
-    for tokens in (8, 12, 16):
+    return rows + gemv_against_grouped(experts, layers, (8, 12, 16), "sweep")
+
+
+def gemv_against_grouped(experts, layers: int, token_counts: tuple[int, ...], label: str) -> list[dict]:
+    """The table's moe_gemv against moe_grouped at each token count: where moe()'s MAX_PAIRS belongs."""
+    rows = []
+    for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
         routes = [routing(tokens, seed) for seed in range(layers)]
         for name, fn in (("moe_gemv", moe_gemv), ("moe_grouped", moe_grouped)):
             us = time_per_call([lambda r=r, w=w, fn=fn: fn(x, *r, *w) for r, w in zip(routes, experts)]) * 1e6
             rows.append(dict(kernel=name, tokens=tokens, config={}, us=us))
-            print(f"sweep {name} T={tokens} (table): {us:.1f} us", flush=True)
+            print(f"{label} {name} T={tokens} (the table): {us:.1f} us", flush=True)
     return rows
 
 
@@ -467,13 +473,7 @@ def sweep_decode_gemvs(layers: int) -> list[dict]:
             rows.append(dict(kernel="moe_gemv", tokens=tokens, config=cfg, us=us))
             note = f"  ({moe_bytes / us / 1e3:.0f} GB/s)" if tokens == 1 else ""
             print(f"sweep-decode moe_gemv T={tokens} {cfg or 'the table'}: {us:.1f} us{note}", flush=True)
-    for tokens in (8, 12, 14, 16, 24):  # where moe()'s MAX_PAIRS belongs: the table's GEMV against grouped tiles
-        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
-        routes = [routing(tokens, seed) for seed in range(layers)]
-        for name, fn in (("moe_gemv", moe_gemv), ("moe_grouped", moe_grouped)):
-            us = time_per_call([lambda r=r, w=w, fn=fn: fn(x, *r, *w) for r, w in zip(routes, experts)]) * 1e6
-            rows.append(dict(kernel=name, tokens=tokens, config={}, us=us))
-            print(f"sweep-decode {name} T={tokens} (the table): {us:.1f} us", flush=True)
+    rows += gemv_against_grouped(experts, layers, (8, 12, 14, 16, 24), "sweep-decode")
     del experts
     torch.cuda.empty_cache()
     shapes = ((HIDDEN, Q_HEADS * HEAD_DIM, layers), ((Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, layers),
