@@ -72,8 +72,8 @@ def _router_input(x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, gemv_mu
 
 @triton.jit
 def _router_kernel(
-    x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, gemv_mult_ptr, w_ptr, b_ptr, partial_ptr, counter_ptr, ids_ptr,
-    weights_ptr, stride_x, stride_y, n_experts, hidden, eps,
+    x_ptr, y_ptr, norm_w_ptr, t_ptr, stream_ptr, gemv_ptr, gemv_mult_ptr, w_ptr, b_ptr, partial_ptr, counter_ptr,
+    ids_ptr, weights_ptr, stride_x, stride_y, n_experts, hidden, eps,
     K_PER_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_TOPK: tl.constexpr, ROUND_BF16: tl.constexpr,
     NORM: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr, GEMV: tl.constexpr, HALF: tl.constexpr,
@@ -156,7 +156,8 @@ def _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gem
         K_PER_SPLIT=k_per_split, SPLITS=splits, BLOCK_E=block_e, BLOCK_K=block_k,
         BLOCK_H=triton.next_power_of_2(hidden), TOPK=k, BLOCK_TOPK=max(2, triton.next_power_of_2(k)),
         ROUND_BF16=round_logits, NORM=norm, ADD=y is not None, STREAM=stream is not None, GEMV=gemv_out is not None,
-        HALF=gemv_out is not None and gemv_out.half, DTYPE=_TL_DTYPE[t.dtype if norm else x.dtype], **pdl(x.device), num_warps=4,
+        HALF=gemv_out is not None and gemv_out.half, DTYPE=_TL_DTYPE[t.dtype if norm else x.dtype], **pdl(x.device),
+        num_warps=4,
     )
     return ids, weights
 
