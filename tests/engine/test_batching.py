@@ -259,6 +259,24 @@ def test_a_request_that_could_never_fit_is_refused_at_once_even_behind_waiting_o
         scheduler.stop()
 
 
+def test_sampled_replies_are_reused_by_the_next_turn_too(engine, scheduler):
+    # kubrick's default is temperature 1: a sampled reply, sent back as text in the next turn's history, must
+    # render to the same tokens, so every turn finds the whole blocks of the previous turn's prompt.
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=3)
+    history = [Message("user", "Sampled: let us plan a trip to the mountains, with a long list of things to pack.")]
+    reused, prompts = [], []
+    for turn in range(4):
+        reply = Reply()
+        handle = scheduler.submit(history, params, reply)
+        assert reply.done.wait(60) and isinstance(reply.last, Finished)
+        reused.append(handle.reused_tokens)
+        prompts.append(handle.prompt_tokens)
+        answer = "".join(text for kind, text in reply.text if kind == "ContentDelta") or "ok"
+        history = history + [Message("assistant", answer), Message("user", f"And on day {turn + 2}?")]
+    for turn in range(1, 4):
+        assert reused[turn] >= prompts[turn - 1] // BLOCK * BLOCK > 0, (reused, prompts)
+
+
 def test_the_next_turn_of_a_chat_reuses_the_cached_history_and_replies_as_a_cold_start(engine, scheduler):
     params = SamplingParams(temperature=0, max_tokens=12)
     history = [Message("user", "Let us plan a trip to the mountains, with a long list of things to pack.")]
