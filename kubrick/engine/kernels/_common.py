@@ -68,8 +68,9 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # - Small steps: our inline-PTX decode (FAST_FP4) on tl.dot in 16-row tiles. It beat tl.dot_scaled (which took
 #   the packed weights as stored, but whose MXFP4 upcast costs ~9 instructions a code against ~4.4): 287 / 295 /
 #   297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens (`--sweep-small`). The GEMV keeps up
-#   to 14 tokens: on the half layout 146 / 204 / 239 us against the grouped kernel's 209 / 244 / 252 at 8 / 12 /
-#   14 tokens, 269 against 258 at 16 (H100, BENCHMARKS.md run 33).
+#   to 14 tokens: on the half layout 139.5 / 193.6 / 220.5 us against the grouped kernel's 209.0 / 241.0 / 252.2
+#   at 8 / 12 / 14 tokens; 252.0 against 255.9 at 16, a tie, so the paged 16-row bucket stays grouped (H100,
+#   `--sweep-decode`, BENCHMARKS.md run 33).
 # - Larger steps: FAST_FP4 with the weights as the dot's first operand (W_FIRST: wgmma's register operand, see
 #   moe_grouped.py) in 64 x 64 x 32 tiles, which replaced dot_scaled's 128-row tiles (`--sweep-w-first`, H200,
 #   2026-11-23): 410 / 605 / 986 / 1798 us against 545 / 855 / 1233 / 2045 at 256 / 512 / 1024 / 2048 tokens;
@@ -121,6 +122,12 @@ def num_sms(device: torch.device) -> int:
     return sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def switched_off(name: str) -> bool:
+    """Whether environment variable `name` is 0 / false / no / off (any case): how the KUBRICK_* switches of the
+    GPU paths (KUBRICK_PDL, KUBRICK_GEMV_HALF) are turned off."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 # Programmatic dependent launch (PDL, sm90 and later): a kernel launched with it may be scheduled while the
 # kernel before it in the stream is still finishing, so its launch latency and the other's last, partly empty
 # wave overlap. Each such kernel must wait (griddepcontrol.wait) before it touches memory: pdl_start does that
@@ -132,8 +139,7 @@ def _pdl_args(device_type: str, device_index: int | None) -> dict:
     if device_type != "cuda" or interpreting():
         return dict(PDL=False)
     index = device_index if device_index is not None else torch.cuda.current_device()
-    wanted = os.environ.get("KUBRICK_PDL", "1") not in ("0", "false", "no", "off")
-    on = wanted and torch.cuda.get_device_capability(index)[0] >= 9
+    on = not switched_off("KUBRICK_PDL") and torch.cuda.get_device_capability(index)[0] >= 9
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 

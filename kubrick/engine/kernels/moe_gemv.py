@@ -39,14 +39,13 @@ each instruction per code counts (SASS of the loop, sm90: 8.8 per code before th
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import block_config, num_sms, pdl, pdl_start
+from kubrick.engine.kernels._common import block_config, num_sms, pdl, pdl_start, switched_off
 
 X_SCALE: tl.constexpr = tl.constexpr(2.0**64)  # the activations' factor in GEMV layout (see the docstring)
 
@@ -240,10 +239,9 @@ class GemvInput(NamedTuple):
 def uses_half(dtype: torch.dtype, device: torch.device, config: dict | None = None) -> bool:
     """Whether moe_gemv takes the half layout: on GPUs whose table says so (inline PTX), for bf16 / fp16 x, unless
     KUBRICK_GEMV_HALF is 0 / false / no / off (to measure it, or to rule its fp16 sums out)."""
-    cfg = block_config("moe_gemv", device) | (config or {})
-    if os.environ.get("KUBRICK_GEMV_HALF", "1").lower() in ("0", "false", "no", "off"):
+    if switched_off("KUBRICK_GEMV_HALF") or dtype not in (torch.bfloat16, torch.float16):
         return False
-    return bool(cfg.get("HALF", False)) and dtype in (torch.bfloat16, torch.float16)
+    return bool((block_config("moe_gemv", device) | (config or {})).get("HALF", False))
 
 
 def new_gemv_input(tokens: int, k: int, dtype: torch.dtype, device: torch.device,
