@@ -31,7 +31,8 @@ def interpreting() -> bool:
 #   moe_grouped_small: the same for at most MAX_PAIRS (token, expert) pairs (default moe_grouped.SMALL_PAIRS,
 #             512), where tiles are mostly empty
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
-#   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps (kernels/linear.py, one token)
+#   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps, AHEAD (0-2 steps of W loaded before the
+#                PDL wait; kernels/linear.py, one token)
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     "interp": {
         "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, MAX_PAIRS=64),
@@ -49,8 +50,9 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
         "attn_prefill": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
-        # H100 `bench_kernels.py --sweep-linear`: 10.3 / 12.6 us (out / QKV) against cuBLAS + add 14.9 / 14.7
-        "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4),
+        # H100 `bench_kernels.py --sweep-linear`: 10.3 / 12.6 us (out / QKV) against cuBLAS + add 14.9 / 14.7;
+        # AHEAD: K steps of W loaded before the PDL wait (1 beat 0 and 2 at batch 1: BENCHMARKS.md run 35)
+        "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, AHEAD=1),
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on FAST_FP4 and W_FIRST (filled in below)
     "small_smem": {  # sm86/sm89 (RTX 30/40, L4, L40), sm120 (RTX 50, RTX PRO 6000)

@@ -27,25 +27,50 @@ def _gemv_step(x_ptr, w_ptr, offs_n, mask_n, k0, K: tl.constexpr, BLOCK_K: tl.co
         w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=w_mask, other=0.0)
         x = tl.load(x_ptr + k[None, :] + 0 * offs_n[:, None], mask=in_k[None, :], other=0.0)
     else:
-        if MASK_N:
-            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=mask_n[:, None], other=0.0)
-        else:
-            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :])
-        x = tl.load(x_ptr + k[None, :] + 0 * offs_n[:, None])  # in W's layout: no shuffle through shared memory
+        w = _w_tile(w_ptr, offs_n, mask_n, k0, K, BLOCK_K, MASK_N)
+        x = _x_tile(x_ptr, offs_n, k0, BLOCK_K)
     return w.to(tl.float32) * x.to(tl.float32)
+
+
+@triton.jit
+def _w_tile(w_ptr, offs_n, mask_n, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, MASK_N: tl.constexpr):
+    """W's rows offs_n at K positions k0 .. k0 + BLOCK_K (a whole step)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    if MASK_N:
+        return tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=mask_n[:, None], other=0.0)
+    return tl.load(w_ptr + offs_n[:, None] * K + k[None, :])
+
+
+@triton.jit
+def _x_tile(x_ptr, offs_n, k0, BLOCK_K: tl.constexpr):
+    k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(x_ptr + k[None, :] + 0 * offs_n[:, None])  # in W's layout: no shuffle through shared memory
 
 
 @triton.jit
 def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-    pdl_start(PDL)
+                        HAS_RESIDUAL: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     FULL: tl.constexpr = K // BLOCK_K * BLOCK_K
-    for k0 in range(0, FULL, BLOCK_K):
+    # Under PDL the first AHEAD (0-2) steps' weights are loaded before waiting for the kernel before (they do not
+    # depend on it): the stream of W starts while that kernel still runs. They go into the loop's own
+    # accumulator (a separate sum would cost a reduction across the program, and was slower).
+    STEPS_AHEAD: tl.constexpr = AHEAD if PDL else 0
+    tl.static_assert(STEPS_AHEAD <= 2 and STEPS_AHEAD * BLOCK_K <= FULL, "0-2 whole steps ahead")
+    if STEPS_AHEAD >= 1:
+        w0 = _w_tile(w_ptr, offs_n, mask_n, 0, K, BLOCK_K, MASK_N)
+    if STEPS_AHEAD >= 2:
+        w1 = _w_tile(w_ptr, offs_n, mask_n, BLOCK_K, K, BLOCK_K, MASK_N)
+    pdl_start(PDL)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if STEPS_AHEAD >= 1:
+        acc += w0.to(tl.float32) * _x_tile(x_ptr, offs_n, 0, BLOCK_K).to(tl.float32)
+    if STEPS_AHEAD >= 2:
+        acc += w1.to(tl.float32) * _x_tile(x_ptr, offs_n, BLOCK_K, BLOCK_K).to(tl.float32)
+    for k0 in range(STEPS_AHEAD * BLOCK_K, FULL, BLOCK_K):
         acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, k0, K, BLOCK_K, MASK_N, False)
     if FULL < K:
         acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, FULL, K, BLOCK_K, MASK_N, True)
@@ -70,9 +95,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n, k = weight.shape
     cfg = block_config("linear_gemv", x.device) | (config or {})
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    ahead = min(cfg.get("AHEAD", 1), k // cfg["BLOCK_K"], 2)  # whole steps only
     _linear_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out,
         N=n, K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, **pdl(x.device), num_warps=cfg["num_warps"],
+        HAS_RESIDUAL=residual is not None, AHEAD=ahead, **pdl(x.device), num_warps=cfg["num_warps"],
     )
     return out

@@ -196,15 +196,24 @@ def _dot_words(w, scale, xt, w0, K_WORDS: tl.constexpr, NSB: tl.constexpr, MASK_
 
 @triton.jit
 def _dot_row_block(w_words, w_scales, rows, row_mask, xt, w_start, w_end, K_WORDS: tl.constexpr, NSB: tl.constexpr,
-                   MASK_ROWS: tl.constexpr, HALF: tl.constexpr):
+                   MASK_ROWS: tl.constexpr, HALF: tl.constexpr, WAIT_AFTER_FIRST: tl.constexpr = False):
     """sum over words w_start .. w_end (w_start a multiple of the step) -> [R] float32.
 
+    WAIT_AFTER_FIRST: the kernel has not waited for the one before (pdl_start) yet: the first step's weights
+    are loaded, then it waits, then x is read.
     Neither loading each step's weights a step ahead into registers nor Triton's pipelining through shared
     memory (tl.range(num_stages=)) made this faster on the H100 (BENCHMARKS.md, run 32)."""
     STEP: tl.constexpr = 4 * NSB
     acc = tl.zeros((NSB, rows.shape[0], 4), dtype=tl.float32)
-    full_end = w_start + (w_end - w_start) // STEP * STEP
-    for w0 in range(w_start, full_end, STEP):
+    first = w_start
+    if WAIT_AFTER_FIRST:  # masked at w_end: a split may be shorter than a step
+        w, scale = _load_step(w_words, w_scales, rows, row_mask, w_start, w_end, K_WORDS, NSB, MASK_ROWS, True)
+        pdl_start(True)
+        acc += _dot_words(w, scale, xt, w_start, K_WORDS, NSB, True, HALF)
+        first = w_start + STEP
+    # (a split past the end of K, w_end < first, must add nothing: hence the max)
+    full_end = first + tl.maximum(w_end - first, 0) // STEP * STEP
+    for w0 in range(first, full_end, STEP):
         w, scale = _load_step(w_words, w_scales, rows, row_mask, w0, w_end, K_WORDS, NSB, MASK_ROWS, False)
         acc += _dot_words(w, scale, xt, w0, K_WORDS, NSB, False, HALF)
     if full_end < w_end:
@@ -310,7 +319,8 @@ def _mlp2_combine_gemv_kernel(
 
     out is float32 and filled by the caller (zeros, or the residual); every (slot, split) adds atomically.
     """
-    pdl_start(PDL)
+    # The expert ids come from the router, which finished before mlp1 let this kernel launch: under PDL the
+    # first step's weights are loaded before waiting for mlp1's h (the stream of W starts during mlp1's tail).
     pair = tl.program_id(0).to(tl.int64)
     token = pair // TOPK
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -324,7 +334,7 @@ def _mlp2_combine_gemv_kernel(
     rows = expert * HIDDEN + offs_n
     H_ROW: tl.constexpr = INTER // 2 if HALF else INTER
     y = _dot_row_block(w_blocks, w_scales, rows, mask_n, ht_ptr + pair * H_ROW, w_start, w_end, K_WORDS,
-                       BLOCK_K // 32, MASK_ROWS, HALF)
+                       BLOCK_K // 32, MASK_ROWS, HALF, PDL)
     if HALF:
         y *= 2.0 ** (14 - H_EXP)
     if split == 0:

@@ -79,17 +79,17 @@ def _router_kernel(
     NORM: tl.constexpr, ADD: tl.constexpr, STREAM: tl.constexpr, GEMV: tl.constexpr, HALF: tl.constexpr,
     DTYPE: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
     valid_e = experts < n_experts
     ONE_STEP: tl.constexpr = K_PER_SPLIT == BLOCK_K
-    if ONE_STEP:  # W's slice is loaded first, so that its latency overlaps the row's statistics below
-        cols = split * BLOCK_K + tl.arange(0, BLOCK_K)
+    if ONE_STEP:  # W's slice is loaded first (under PDL before waiting for the kernel before): its latency
+        cols = split * BLOCK_K + tl.arange(0, BLOCK_K)  # overlaps that kernel's tail and the row's statistics
         valid_k = cols < hidden
         w_slice = tl.load(w_ptr + experts[:, None] * hidden + cols[None, :],
                           mask=valid_e[:, None] & valid_k[None, :], other=0.0)
+    pdl_start(PDL)
     inv_rms = 1.0
     t_max = 0.0
     if NORM:  # the row's statistics, as kernels/rmsnorm.py computes them
