@@ -2,12 +2,13 @@
 """The MoE kernels launched eagerly over 8 layer copies, for Nsight Compute's counters: the decode GEMV at one
 token (default), or the grouped kernels at --tokens under the table's tiles or a --config of moe_grouped.
 
-    ncu --clock-control none -k regex:mlp --launch-skip 8 --launch-count 4 --section SpeedOfLight \
+    ncu --clock-control none -k regex:mlp --launch-skip 16 --launch-count 4 --section SpeedOfLight \
         --section Occupancy --section SchedulerStats --section WarpStateStats --section LaunchStats \
         python3 scripts/ncu_moe_gemv.py [--tokens 64 --config '{"F16": true, "BLOCK_M": 16}']
 
-(`--clock-control none`: the device's METHOD.md asks to leave the clocks alone.) The first 8 launches (one
-pass over the copies, compiling) are skipped; the 4 profiled are mlp1 and mlp2 of two layers.
+(`--clock-control none`: the device's METHOD.md asks to leave the clocks alone.) The first 16 launches (one
+pass over the 8 copies, mlp1 and mlp2 each, compiling) are skipped; the 4 profiled are mlp1 and mlp2 of two
+layers.
 """
 
 import argparse

@@ -29,3 +29,18 @@ def test_linear_of_several_rows_is_f_linear(device):
     x = torch.randn(3, 32, device=device)
     w, b, r = torch.randn(16, 32, device=device), torch.randn(16, device=device), torch.randn(3, 16, device=device)
     torch.testing.assert_close(linear(x, w, b, residual=r), r + F.linear(x, w, b))
+
+
+@pytest.mark.gpu  # the steps loaded ahead run only under programmatic dependent launch (sm90+)
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_linear_gemv_with_weights_loaded_before_the_wait(ahead):
+    # K 96 over steps of 32: `ahead` steps of W before the wait, the rest in the loop; N 40 leaves a masked row
+    # block. Every AHEAD gives the same bits: the steps go into one accumulator in the same order.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 96, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(40, 96, generator=gen) / 96**0.5).to(device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(40, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+    config = dict(BLOCK_N=8, BLOCK_K=32, num_warps=4)
+    out = linear(x, w, b, config=config | dict(AHEAD=ahead))
+    assert rel_error(out, F.linear(x.float(), w.float(), b.float())) < 1e-2
+    torch.testing.assert_close(out, linear(x, w, b, config=config | dict(AHEAD=0)), rtol=0, atol=0)

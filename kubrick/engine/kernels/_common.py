@@ -51,7 +51,8 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_prefill": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
         # H100 `bench_kernels.py --sweep-linear`: 10.3 / 12.6 us (out / QKV) against cuBLAS + add 14.9 / 14.7;
-        # AHEAD: K steps of W loaded before the PDL wait (1 beat 0 and 2 at batch 1: BENCHMARKS.md run 35)
+        # AHEAD: K steps of W loaded before the PDL wait (with mlp2's and the router's loads ahead, 1 step took
+        # batch 1 +3.5 % over waiting first, and 2 steps did no better: BENCHMARKS.md run 35)
         "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, AHEAD=1),
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on FAST_FP4 and W_FIRST (filled in below)
@@ -133,9 +134,12 @@ def switched_off(name: str) -> bool:
 
 # Programmatic dependent launch (PDL, sm90 and later): a kernel launched with it may be scheduled while the
 # kernel before it in the stream is still finishing, so its launch latency and the other's last, partly empty
-# wave overlap. Each such kernel must wait (griddepcontrol.wait) before it touches memory: pdl_start does that
-# first thing, then lets the next kernel launch. The decode step runs about 9 kernels a layer; CUDA graphs keep
-# the launches programmatic. KUBRICK_PDL=0 (or false, no, off) turns it off (to measure it, or if a driver
+# wave overlap. Each such kernel must wait (griddepcontrol.wait) before it reads what the kernel before it
+# writes: pdl_start waits, then lets the next kernel launch. So when a kernel starts, every kernel two back has
+# finished; only buffers that the kernel right before cannot be writing (weights; for the MoE GEMV's mlp2, the
+# router's expert ids) may be read before pdl_start, and the GEMVs do that with their first weights (their
+# stream then starts while the kernel before finishes). The decode step runs about 9 kernels a layer; CUDA graphs
+# keep the launches programmatic. KUBRICK_PDL=0 (or false, no, off) turns it off (to measure it, or if a driver
 # mishandles it).
 @lru_cache(maxsize=None)
 def _pdl_args(device_type: str, device_index: int | None) -> dict:
@@ -147,7 +151,7 @@ def _pdl_args(device_type: str, device_index: int | None) -> dict:
 
 
 def pdl(device: torch.device) -> dict:
-    """Launch arguments for a kernel that starts with pdl_start(PDL): PDL on where the GPU has it. Cached per
+    """Launch arguments for a kernel that calls pdl_start(PDL): PDL on where the GPU has it. Cached per
     device (it runs at every launch; callers spread it with **, so the cached dict is never changed)."""
     return _pdl_args(device.type, device.index)
 

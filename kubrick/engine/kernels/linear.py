@@ -95,7 +95,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n, k = weight.shape
     cfg = block_config("linear_gemv", x.device) | (config or {})
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    ahead = min(cfg.get("AHEAD", 1), k // cfg["BLOCK_K"], 2)  # whole steps only
+    ahead = max(0, min(cfg.get("AHEAD", 1), k // cfg["BLOCK_K"], 2))  # 0-2 whole steps
     _linear_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out,
         N=n, K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_BIAS=bias is not None,

@@ -211,7 +211,7 @@ def _dot_row_block(w_words, w_scales, rows, row_mask, xt, w_start, w_end, K_WORD
         pdl_start(True)
         acc += _dot_words(w, scale, xt, w_start, K_WORDS, NSB, True, HALF)
         first = w_start + STEP
-    # (a split past the end of K, w_end < first, must add nothing: hence the max)
+    # (a split past the end of K, w_end < first, adds nothing: the max keeps that plain)
     full_end = first + tl.maximum(w_end - first, 0) // STEP * STEP
     for w0 in range(first, full_end, STEP):
         w, scale = _load_step(w_words, w_scales, rows, row_mask, w0, w_end, K_WORDS, NSB, MASK_ROWS, False)
@@ -330,7 +330,7 @@ def _mlp2_combine_gemv_kernel(
     K_WORDS: tl.constexpr = INTER // 8
     w_start = split * (K_PER_SPLIT // 8)
     w_end = tl.minimum(w_start + K_PER_SPLIT // 8, K_WORDS)
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    expert = tl.load(ids_ptr + pair, cache_modifier=".cg").to(tl.int64)  # past L1: read before the wait
     rows = expert * HIDDEN + offs_n
     H_ROW: tl.constexpr = INTER // 2 if HALF else INTER
     y = _dot_row_block(w_blocks, w_scales, rows, mask_n, ht_ptr + pair * H_ROW, w_start, w_end, K_WORDS,
@@ -341,6 +341,12 @@ def _mlp2_combine_gemv_kernel(
         y += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
     y *= tl.load(route_w_ptr + pair).to(tl.float32)
     tl.atomic_add(out_ptr + token * HIDDEN + offs_n, y, mask=mask_n, sem="relaxed")
+
+
+def h_exponent(swiglu_limit: float) -> int:
+    """The fixed power of two of h in fp16 (half layout, F16): swiglu's clamp bounds |h| by limit * (limit + 1),
+    which then lands under 2**14."""
+    return 13 - math.floor(math.log2(max(swiglu_limit * (swiglu_limit + 1), 1.0)))
 
 
 def pick_split_k(pairs: int, hidden: int, inter: int, block_n: int, block_k: int, device: torch.device) -> int:
@@ -391,7 +397,7 @@ def moe_gemv(
     # In the half layout h is bounded by swiglu's clamp, |h| <= limit * (limit + 1), so a fixed power of two fits it.
     half = x_gemv.half
     assert not half or math.isfinite(swiglu_limit), "the half layout needs swiglu's clamp"
-    h_exp = 13 - math.floor(math.log2(max(swiglu_limit * (swiglu_limit + 1), 1.0))) if half else 0
+    h_exp = h_exponent(swiglu_limit) if half else 0
     h_shape = (tokens * topk, 4, inter // 8) if half else (tokens * topk, 8, inter // 8)
     h_gemv = torch.empty(h_shape, dtype=torch.int32 if half else torch.float32, device=x.device)
     # Four packed bytes are read as one int32 word.

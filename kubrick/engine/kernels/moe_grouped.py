@@ -18,7 +18,7 @@ The Triton 3.6 CPU interpreter has no dot_scaled, so CPU tests run the tl.dot pa
 W_FIRST (sm90's table above the small steps): our dequantised weights as the dot's first operand, W @ x^T summed
 transposed, so that on sm90 they are wgmma's register operand (see _expert_matmul); mlp1 then runs ONE_DOT.
 
-F16 (config entry, opt-in: it ties sm90's small table, BENCHMARKS.md run 34): fp16 codes with no scale and fp16
+F16 (config entry, opt-in: 2-7 % behind sm90's small table, BENCHMARKS.md run 34): fp16 codes with no scale and fp16
 activations (f16_input), W @ x^T on mma.sync, each scale group's float32 sums scaled as they are added; its own
 two kernels (_mlp1_swiglu_f16_kernel, _mlp2_combine_f16_kernel; see _f16_matmul).
 """
@@ -43,7 +43,7 @@ from kubrick.engine.kernels._common import (
     pdl,
     pdl_start,
 )
-from kubrick.engine.kernels.moe_gemv import _TL_DTYPE, half_exponent, uses_half
+from kubrick.engine.kernels.moe_gemv import _TL_DTYPE, h_exponent, half_exponent, uses_half
 
 
 # Up to this many (token, expert) pairs, experts see few tokens each: short tiles waste less work (the
@@ -468,7 +468,9 @@ def f16_position(k):
 
 
 @triton.jit
-def _f16_input_kernel(x_ptr, stride_x, data_ptr, mult_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
+def _f16_input_kernel(x_ptr, stride_x, data_ptr, mult_ptr, K: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -482,7 +484,8 @@ def f16_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     of two that puts its largest |x| into [2**13, 2**14) (moe_gemv.half_exponent); those factors, float32 [T])."""
     data = torch.empty(x.shape, dtype=torch.float16, device=x.device)
     mult = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    _f16_input_kernel[(x.shape[0],)](x, x.stride(0), data, mult, K=x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]))
+    _f16_input_kernel[(x.shape[0],)](x, x.stride(0), data, mult, K=x.shape[1], BLOCK=triton.next_power_of_2(x.shape[1]),
+                                     **pdl(x.device))
     return data, mult
 
 
@@ -519,7 +522,8 @@ def moe_grouped(
 
     `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and MLP2:
     a dict of BLOCK_N, BLOCK_K, num_warps, num_stages for the mlp2 kernel alone; F16).
-    x_f16: x as the F16 path reads it (f16_input(x)), made here when missing.
+    x_f16: x as the F16 path reads it (f16_input(x)), made here when missing. F16 runs compiled, for bf16 / fp16 x,
+    unless KUBRICK_GEMV_HALF=0; elsewhere the config's F16 is ignored (the tl.dot path runs).
     """
     tokens, hidden = x.shape
     topk = expert_ids.shape[1]
@@ -540,15 +544,16 @@ def moe_grouped(
     block_m = cfg["BLOCK_M"]
     pair_ids, tile_expert = group_by_expert(expert_ids, n_experts, block_m)
     tiles = tile_expert.numel()
-    # F16 (opt-in, in no table: it ties the small table on the H100, BENCHMARKS.md run 34): fp16 codes and
+    # F16 (opt-in, in no table: 2-7 % behind the small table on the H100, BENCHMARKS.md run 34): fp16 codes and
     # activations, each group's sums scaled in float32 (_f16_matmul). KUBRICK_GEMV_HALF=0 rules it out too.
     f16 = cfg.get("F16", False) and dot_dtype != tl.float32 and uses_half(x.dtype, x.device, dict(HALF=True))
     if f16:
         assert block_m in (8, 16) and math.isfinite(swiglu_limit), "F16 takes 8 or 16 pairs a tile, and a clamp"
         assert hidden % 64 == 0 and inter % 64 == 0, "F16 takes K in steps of 64 values"
         x_data, x_mult = f16_input(x) if x_f16 is None else x_f16
+        assert x_data.shape == x.shape and x_data.dtype == torch.float16 and x_mult.shape == (tokens,)
         h = torch.empty(tokens * topk, inter, dtype=torch.float16, device=x.device)
-        h_exp = 13 - math.floor(math.log2(swiglu_limit * (swiglu_limit + 1)))  # |h| <= that bound, as moe_gemv's
+        h_exp = h_exponent(swiglu_limit)
         _mlp1_swiglu_f16_kernel[(tiles, triton.cdiv(inter, cfg["BLOCK_N"]))](
             x_data, x_mult, pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h,
             INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit, BLOCK_M=block_m,
