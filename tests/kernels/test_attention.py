@@ -42,12 +42,15 @@ def test_sink_takes_probability_mass(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("window,splits", [(0, 1), (0, 4), (16, 2)])
+@pytest.mark.parametrize("window,splits", [(0, 1), (0, 4), (16, 2), (0, 8)])
 def test_decode_matches_reference(device, dtype, window, splits):
+    # Up to MERGE_SPLITS splits the last one to finish merges them; 8 go through the combine kernel.
     kv_lens = torch.tensor([1, 37, 60], dtype=torch.int32, device=device)
     q, k, v, sinks = random_cache(3, 64, 8, 2, 16, 1, dtype, device, seed=splits + window)
     q = q[:, 0]
     out = attention_decode(q, k, v, sinks, kv_lens, window=window, splits=splits, out=poisoned(q.shape, dtype, device))
+    # The arrival counters must be left at zero: a second launch (a graph replay) merges the same way.
+    assert torch.equal(attention_decode(q, k, v, sinks, kv_lens, window=window, splits=splits), out)
     for b, n in enumerate(kv_lens.tolist()):
         pos = torch.tensor([n - 1], device=device)
         expected = reference.attention(q[b : b + 1], k[b], v[b], sinks, pos, n, window)[0]

@@ -9,8 +9,9 @@ prefill: flash-style, one program per BLOCK_M queries of one head; it visits onl
          window can see (O(T * w) on sliding layers).
 decode:  one new query per sequence at position kv_len - 1. One program per (sequence, KV head, split): the
          QH/KVH query heads of a group form the rows of one tl.dot, so the group's keys are read once; the
-         key range is cut into SPLITS pieces to fill the GPU, and a second small kernel merges the pieces'
-         (max, sum, weighted values) together with the sink. kv_lens live on the device (CUDA-graph safe).
+         key range is cut into SPLITS pieces to fill the GPU, and the pieces' (max, sum, weighted values) are
+         merged together with the sink: by the group's last split to finish (_common.last_to_arrive) when
+         they are few (MERGE_SPLITS), else by a second small kernel. kv_lens live on the device (CUDA-graph safe).
 Scores run in the exp2 domain (log2(e) folded into the scale).
 
 Paged caches (block_table given): k, v are [blocks, PAGE, KVH, D] pools and block_table int32 [B, max_blocks]
@@ -26,9 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import block_config, interpreting, num_sms, pdl, pdl_start
+from kubrick.engine.kernels._common import (arrival_counters, block_config, interpreting, last_to_arrive, num_sms, pdl,
+                                           pdl_start)
 
 LOG2E = 1.4426950408889634
+MERGE_SPLITS = 4  # up to this many splits the decode's last split merges them (no combine launch)
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -161,11 +164,11 @@ def attention_prefill(
 
 @triton.jit(do_not_specialize=["st_b"], do_not_specialize_on_alignment=["table_ptr"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, kv_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, table_ptr,
-    sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, st_b, qk_scale,
+    q_ptr, k_ptr, v_ptr, kv_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, table_ptr, sinks_ptr, o_ptr, counter_ptr,
+    sq_b, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, st_b, so_b, so_h, qk_scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    MERGE: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     bk = tl.program_id(0)
@@ -208,10 +211,37 @@ def _decode_split_kernel(
         v = tl.load(v_base + rows[:, None] * sv_s + offs_d[None, :], mask=mask_n[:, None], other=0.0)
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
-    row = (batch * Q_HEADS + heads) * SPLITS + split
-    tl.store(part_m_ptr + row, m_i, mask=mask_g)
-    tl.store(part_l_ptr + row, l_i, mask=mask_g)
-    tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
+    out_ptrs = o_ptr + batch * so_b + heads[:, None] * so_h + offs_d[None, :]
+    if SPLITS == 1:  # the whole key range: finish here
+        sink = tl.load(sinks_ptr + heads, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_i, sink)
+        w = tl.exp2(m_i - m_all)
+        out = acc * w[:, None] / (l_i * w + tl.exp2(sink - m_all))[:, None]
+        tl.store(out_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
+    else:
+        row = (batch * Q_HEADS + heads) * SPLITS + split
+        tl.store(part_m_ptr + row, m_i, mask=mask_g)
+        tl.store(part_l_ptr + row, l_i, mask=mask_g)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
+        # MERGE (few splits): the group's last split to finish merges the pieces, so no second launch. With
+        # many splits one program merging them all serially was slower than the combine kernel (BENCHMARKS.md).
+        if MERGE:
+            if last_to_arrive(counter_ptr + bk, SPLITS):
+                first = (batch * Q_HEADS + heads) * SPLITS
+                sink = tl.load(sinks_ptr + heads, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
+                m_all = sink
+                for s in tl.static_range(SPLITS):
+                    m_all = tl.maximum(m_all, tl.load(part_m_ptr + first + s, mask=mask_g, other=0.0,
+                                                      cache_modifier=".cg"))
+                denom = tl.exp2(sink - m_all)
+                out = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
+                for s in tl.static_range(SPLITS):
+                    w = tl.exp2(tl.load(part_m_ptr + first + s, mask=mask_g, other=0.0, cache_modifier=".cg") - m_all)
+                    denom += w * tl.load(part_l_ptr + first + s, mask=mask_g, other=0.0, cache_modifier=".cg")
+                    piece = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                                    mask=mask_g[:, None], other=0.0, cache_modifier=".cg")
+                    out += piece * w[:, None]
+                tl.store(out_ptrs, (out / denom[:, None]).to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
 
 
 @triton.jit
@@ -272,21 +302,25 @@ def attention_decode(
         splits = pick_splits(batch, kv_heads, span, cfg["BLOCK_N"], q.device)
     assert splits & (splits - 1) == 0
     out = torch.empty_like(q) if out is None else out
+    assert out.shape == q.shape and out.stride(-1) == 1
     part_m = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     group = q_heads // kv_heads
+    merge = splits <= MERGE_SPLITS
+    counters = arrival_counters(q.device, batch * kv_heads) if merge and splits > 1 else part_m
     _decode_split_kernel[(batch * kv_heads, splits)](
-        q, k_cache, v_cache, kv_lens, part_m, part_l, part_acc, layout.table,
+        q, k_cache, v_cache, kv_lens, part_m, part_l, part_acc, layout.table, sinks, out, counters,
         q.stride(0), q.stride(1), layout.sk_b, k_cache.stride(1), k_cache.stride(2),
-        layout.sv_b, v_cache.stride(1), v_cache.stride(2), layout.st_b, scale * LOG2E,
+        layout.sv_b, v_cache.stride(1), v_cache.stride(2), layout.st_b, out.stride(0), out.stride(1), scale * LOG2E,
         Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, PAGE=layout.page, SPLITS=splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype),
-        **pdl(q.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        MERGE=merge, **pdl(q.device), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _decode_combine_kernel[(batch * q_heads,)](
-        part_m, part_l, part_acc, sinks, out, out.stride(0), out.stride(1),
-        Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, **pdl(q.device),
-        num_warps=1 if splits * head_dim <= 1024 else 4,
-    )
+    if not merge:
+        _decode_combine_kernel[(batch * q_heads,)](
+            part_m, part_l, part_acc, sinks, out, out.stride(0), out.stride(1),
+            Q_HEADS=q_heads, HEAD_DIM=head_dim, SPLITS=splits, **pdl(q.device),
+            num_warps=1 if splits * head_dim <= 1024 else 4,
+        )
     return out

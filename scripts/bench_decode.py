@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Quick decode timing for A/B runs on a GPU: one line of tok/s at the gpt-oss-20b shape (random weights).
+
+  batch 1 at contexts 128 and 4096 (CudaGraphDecoder, 64 steps, best of 2) and the static batched graph at
+  batch 8 and 64 (CudaGraphBatchDecoder at context 1024, bench_engine's decode_batched).
+
+An A/B alternates two trees in one call, e.g. against the last commit's attention kernel:
+
+  git show HEAD:kubrick/engine/kernels/attention.py > /tmp/old.py; cp kubrick/engine/kernels/attention.py /tmp/new.py
+  for r in 1 2; do cp /tmp/old.py kubrick/engine/kernels/attention.py; python3 scripts/bench_decode.py --label old
+                   cp /tmp/new.py kubrick/engine/kernels/attention.py; python3 scripts/bench_decode.py --label new; done
+
+--skip rope,norm,combine leaves those kernels out of the step (RoPE + KV write, the attention's RMSNorm, the
+attention's split combine): the numbers are wrong, the time is what the step would take if fusing them away
+cost nothing, the upper bound of such a fusion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_engine  # noqa: E402
+import bench_kernels  # noqa: E402
+import kubrick.engine.fast_model as fast_model  # noqa: E402
+from kubrick.engine.kernels import attention  # noqa: E402
+
+SKIPPABLE = ("rope", "norm", "combine")
+
+
+def skip_kernels(names: set[str]) -> None:
+    """Replace the named kernels by launches that do nothing (see the module docstring)."""
+    if "rope" in names:
+        def no_rope(qkv, cos, sin, rows, keys, values, q_heads, kv_heads, out=None):
+            return qkv[:, : q_heads * (qkv.shape[1] // (q_heads + 2 * kv_heads))].view(qkv.shape[0], q_heads, -1)
+        fast_model.rope_and_cache = no_rope
+    if "norm" in names:
+        def no_norm(x, weight, eps, dtype=None, **_):
+            if x.dtype == dtype:
+                return x
+            if x.shape[0] > 1 and x.dtype == torch.float32 and dtype == torch.bfloat16:
+                # The float32 stream's high halves (its bf16 truncation, a view): the routing stays spread over
+                # the experts as real data spreads it (garbage may pick the same few, which reads fewer weights).
+                return x.view(torch.bfloat16)[..., 1::2]
+            return torch.empty(x.shape, dtype=dtype, device=x.device)  # one token reads 4 experts whatever it holds
+        fast_model.rmsnorm = no_norm
+    if "combine" in names:
+        attention.MERGE_SPLITS = 0  # every split count then goes to the combine kernel, which is skipped
+
+        class NoLaunch:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: None
+        attention._decode_combine_kernel = NoLaunch()
+
+
+def batch_one(model, config, context: int, steps: int = 64) -> float:
+    cache = model.new_cache(context + 4 * steps)
+    prompt = torch.randint(0, config.vocab_size, (context,), device="cuda")
+    for chunk in torch.split(prompt, 2048):
+        logits = model(chunk, cache)
+    token = logits[-1].argmax().view(1)
+    decoder = fast_model.CudaGraphDecoder(model, cache)
+    for _ in range(3):
+        token = decoder.step(token)[-1].argmax().view(1)
+    best = 0.0
+    for _ in range(2):
+        cache.truncate(context + 3)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            token = decoder.step(token)[-1].argmax().view(1)
+        end.record()
+        end.synchronize()
+        best = max(best, steps * 1e3 / start.elapsed_time(end))
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--label", default="", help="printed first on the line")
+    parser.add_argument("--skip", default="", help=f"comma-separated kernels to leave out: {', '.join(SKIPPABLE)}")
+    args = parser.parse_args()
+    skip = {name for name in args.skip.split(",") if name}
+    if skip - set(SKIPPABLE):
+        print(f"--skip takes {', '.join(SKIPPABLE)}; got {', '.join(sorted(skip - set(SKIPPABLE)))}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    skip_kernels(skip)
+    config, weights = bench_kernels.random_20b_weights()
+    model = fast_model.FastTransformer(config, weights)
+    figures = [f"b1 ctx128 {batch_one(model, config, 128):.1f}", f"b1 ctx4096 {batch_one(model, config, 4096):.1f}"]
+    figures += [f"b{row['batch']} {row['tok_s']:.0f}"
+                for row in bench_engine.decode_batched(model, config, [8, 64], 1024, 32)]
+    head = ([args.label] if args.label else []) + (["skip " + ",".join(sorted(skip))] if skip else [])
+    print("  ".join(head + figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
