@@ -11,9 +11,11 @@
 # server-multiturn-reuse-off.log (the tritonserver logs).
 #
 # The machine has no network: the carried folder .gpus/ holds the wheels (nvidia-pytriton 0.7.0 with the
-# tritonserver binary, numpy 1.26.4, openai-harmony, pydantic, ...) and vocab/o200k_base.tiktoken. They go into
-# the image's own environment, not a --target folder: the Triton Python stub needs numpy<2 and ignores
-# PYTHONPATH, so it finds kubrick through a .pth file.
+# tritonserver binary, numpy 1.26.4, openai-harmony, pydantic, ...) and vocab/o200k_base.tiktoken(.gz);
+# scripts/make_serving_carry.sh builds it under the 64 MiB a carry may take. The wheels go into the image's own
+# environment, not a --target folder: the Triton Python stub needs numpy<2 and ignores PYTHONPATH, so it finds
+# kubrick through a .pth file. Afterwards that machine's transformers no longer imports (numpy 1.26): run
+# bench_gpu.sh, whose peer needs it, on a fresh machine or before this script.
 #
 # Knobs (environment): KUBRICK_MAX_BATCH (default here 128, so the 128 level really batches 128),
 # KUBRICK_STEP_TOKENS (default here 512, the engine default: it bounds the inter-token gap), KUBRICK_KV_CACHE_MEMORY (engine default unless set), CONCURRENCY
@@ -65,6 +67,9 @@ if [ "${INSTALL:-1}" != 0 ] && ls .gpus/*.whl >/dev/null 2>&1; then
     step "install the carried wheels" 120 "$PYTHON" -m pip install --no-index --no-deps -q .gpus/*.whl
     site=$("$PYTHON" -c 'import site; print(site.getsitepackages()[0])')
     echo "$PWD" >"$site/kubrick-src.pth"
+fi
+if [ -f .gpus/vocab/o200k_base.tiktoken.gz ] && [ ! -f .gpus/vocab/o200k_base.tiktoken ]; then
+    gunzip -k .gpus/vocab/o200k_base.tiktoken.gz  # carried gzipped (scripts/make_serving_carry.sh)
 fi
 [ -f .gpus/vocab/o200k_base.tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.gpus/vocab
 "$PYTHON" -c 'import sys, torch, numpy, kubrick; print("python", sys.version.split()[0], "torch", torch.__version__,
