@@ -51,7 +51,7 @@ def skip_kernels(names: set[str]) -> None:
             return torch.empty(x.shape, dtype=dtype, device=x.device)  # one token reads 4 experts whatever it holds
         fast_model.rmsnorm = no_norm
     if "combine" in names:
-        attention.MERGE_SPLITS = 0  # every split count then goes to the combine kernel, which is skipped
+        attention.MERGE_SPLITS = 0  # every split count above one then goes to the combine kernel, skipped here
 
         class NoLaunch:
             def __getitem__(self, grid):

@@ -307,7 +307,7 @@ def attention_decode(
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     group = q_heads // kv_heads
-    merge = splits <= MERGE_SPLITS
+    merge = splits == 1 or splits <= MERGE_SPLITS  # (one split always writes its output itself)
     counters = arrival_counters(q.device, batch * kv_heads) if merge and splits > 1 else part_m
     _decode_split_kernel[(batch * kv_heads, splits)](
         q, k_cache, v_cache, kv_lens, part_m, part_l, part_acc, layout.table, sinks, out, counters,
