@@ -6,7 +6,7 @@ run; compute-bound ones (prefill) report TFLOP/s. Every kernel runs over LAYERS 
 inside one CUDA graph, so nothing is served from L2 that a real decode step would have to read from HBM.
 
     python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--sweep-decode]
-        [--sweep-tables] [--sweep-w-first] [--sweep-f16] [--model] [--json out.json] [--layers 8]
+        [--sweep-tables] [--sweep-w-first] [--model] [--json out.json] [--layers 8]
 """
 
 from __future__ import annotations
@@ -307,20 +307,13 @@ W_FIRST_SWEEP = [  # FAST_FP4 with the weights as the dot's first operand (wgmma
 ]
 
 
-F16_SWEEP = [  # fp16 codes, 64 values a step, the weights first on mma.sync (F16, moe_grouped._f16_matmul)
-    dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=st, F16=True, MLP2=dict(BLOCK_N=n2))
-    for m, n, st, n2 in ((16, 128, 3, 256), (16, 128, 4, 256), (16, 128, 2, 256), (8, 128, 3, 256), (16, 128, 3, 128),
-                         (16, 64, 3, 256))
-]
-
-
 def explicit(cfg: dict | None) -> dict | None:
     """A sweep entry as it reads: the path flags it does not name are off, and mlp2 runs on its main tile unless it
     names MLP2. (moe_grouped merges a config over the table it picks by size, so an entry would otherwise inherit
     the table's DOT_SCALED, FAST_FP4, ONE_DOT or MLP2 and run another path than its label says.)"""
     if cfg is None:
         return None
-    return dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, F16=False, MLP2={}) | cfg
+    return dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={}) | cfg
 
 
 def _sweep_moe(label: str, layers: int, token_counts: tuple[int, ...], runs_for) -> list[dict]:
@@ -355,17 +348,6 @@ def sweep_w_first(layers: int, token_counts: tuple[int, ...] = (16, 64, 128, 256
         return [("moe_grouped", moe_grouped, cfg) for cfg in [None] + W_FIRST_SWEEP
                 if not cfg or not (tokens >= 1024 and cfg["BLOCK_M"] < 64 or tokens <= 64 and cfg["BLOCK_M"] > 64)]
     return _sweep_moe("w_first", layers, token_counts, runs_for)
-
-
-def sweep_f16(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 96, 128, 144)) -> list[dict]:
-    """The grouped MoE over F16_SWEEP beside the table's choice (what moe() would run) up to the small table's
-    end (144 tokens on sm90), and the GEMV where it runs."""
-    def runs_for(tokens):
-        runs = [("moe_grouped", moe_grouped, cfg) for cfg in [None] + F16_SWEEP]
-        if tokens * TOPK <= 64:
-            runs.insert(0, ("moe_gemv", moe_gemv, None))
-        return runs
-    return _sweep_moe("f16", layers, token_counts, runs_for)
 
 
 def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 512, 2048)) -> list[dict]:
@@ -614,8 +596,6 @@ def main() -> None:
                         help="also time the grouped MoE's two block tables at 128-512 tokens (where one hands over)")
     parser.add_argument("--sweep-w-first", action="store_true",
                         help="also time the grouped MoE with the weights as the dot's first operand (W_FIRST)")
-    parser.add_argument("--sweep-f16", action="store_true",
-                        help="also time the grouped MoE's F16 path (fp16 codes, a scale group a step) at 8-144 tokens")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -637,8 +617,6 @@ def main() -> None:
         sweep_rows += sweep_tables(args.layers)
     if args.sweep_w_first:
         sweep_rows += sweep_w_first(args.layers)
-    if args.sweep_f16:
-        sweep_rows += sweep_f16(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:

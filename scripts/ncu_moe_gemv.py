@@ -4,7 +4,7 @@ token (default), or the grouped kernels at --tokens under the table's tiles or a
 
     ncu --clock-control none -k regex:mlp --launch-skip 16 --launch-count 4 --section SpeedOfLight \
         --section Occupancy --section SchedulerStats --section WarpStateStats --section LaunchStats \
-        python3 scripts/ncu_moe_gemv.py [--tokens 64 --config '{"F16": true, "BLOCK_M": 16}']
+        python3 scripts/ncu_moe_gemv.py [--tokens 64 --config '{"BLOCK_M": 16, "BLOCK_N": 64}']
 
 (`--clock-control none`: the device's METHOD.md asks to leave the clocks alone.) The first 16 launches (one
 pass over the 8 copies, mlp1 and mlp2 each, compiling) are skipped; the 4 profiled are mlp1 and mlp2 of two

@@ -6,7 +6,6 @@ Triton's own ptxas and disassembled with its nvdisasm; the innermost backward br
 
     python scripts/sass_per_code.py gemv-mlp1 [--half]
     python scripts/sass_per_code.py grouped-mlp2 --block 64,64,64 --w-first
-    python scripts/sass_per_code.py grouped-mlp1-f16 --block 16,128,0    (F16: 64 values a step, BLOCK_K unused)
 """
 
 from __future__ import annotations
@@ -63,24 +62,6 @@ def kernel_and_codes(args):
                           HALF=args.half, H_EXP=8, PDL=False)
         return compile_sm90(moe_gemv._mlp2_combine_gemv_kernel, signature, constexprs), block_n * block_k
     block_m, block_n, block_k = (int(v) for v in args.block.split(","))
-    if args.kernel == "grouped-mlp1-f16":
-        signature = {"x_ptr": "*fp16", "x_mult_ptr": "*fp32", "pair_ids_ptr": "*i32",
-                     "tile_expert_ptr": "*i32", "w_blocks": "*u8", "w_scales": "*u8", "bias_ptr": "*bf16",
-                     "h_ptr": "*fp16", "alpha": "fp32", "limit": "fp32",
-                     **{name: "constexpr" for name in ("INTER", "HIDDEN", "TOPK", "BLOCK_M", "BLOCK_N", "H_DTYPE",
-                                                       "H_EXP", "PDL")}}
-        constexprs = dict(INTER=INTER, HIDDEN=HIDDEN, TOPK=4, BLOCK_M=block_m, BLOCK_N=block_n, H_DTYPE=tl.bfloat16,
-                          H_EXP=8, PDL=False)
-        kernel = compile_sm90(moe_grouped._mlp1_swiglu_f16_kernel, signature, constexprs, args.warps, args.stages)
-        return kernel, 2 * block_n * 64
-    if args.kernel == "grouped-mlp2-f16":
-        signature = {"h_ptr": "*fp16", "pair_ids_ptr": "*i32", "tile_expert_ptr": "*i32", "route_w_ptr": "*fp32",
-                     "w_blocks": "*u8", "w_scales": "*u8", "bias_ptr": "*bf16", "out_ptr": "*fp32", "stride_out": "i32",
-                     **{name: "constexpr" for name in ("HIDDEN", "INTER", "TOPK", "BLOCK_M", "BLOCK_N", "H_EXP",
-                                                       "PDL")}}
-        constexprs = dict(HIDDEN=HIDDEN, INTER=INTER, TOPK=4, BLOCK_M=block_m, BLOCK_N=block_n, H_EXP=8, PDL=False)
-        kernel = compile_sm90(moe_grouped._mlp2_combine_f16_kernel, signature, constexprs, args.warps, args.stages)
-        return kernel, block_n * 64
     signature = {"h_ptr": "*bf16", "pair_ids_ptr": "*i32", "tile_expert_ptr": "*i32", "route_w_ptr": "*fp32",
                  "w_blocks": "*u8", "w_scales": "*u8", "bias_ptr": "*bf16", "out_ptr": "*fp32", "stride_out": "i32",
                  **{name: "constexpr" for name in ("HIDDEN", "INTER", "TOPK", "BLOCK_M", "BLOCK_N", "BLOCK_K",
@@ -127,8 +108,7 @@ def opcode(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=["gemv-mlp1", "gemv-mlp2", "grouped-mlp2", "grouped-mlp1-f16",
-                                           "grouped-mlp2-f16"])
+    parser.add_argument("kernel", choices=["gemv-mlp1", "gemv-mlp2", "grouped-mlp2"])
     parser.add_argument("--block", default="16,256,64", help="grouped: BLOCK_M,BLOCK_N,BLOCK_K (default: the sm90 "
                         "small table's mlp2 tile)")
     parser.add_argument("--warps", type=int, default=4)

@@ -6,9 +6,9 @@ import triton
 import triton.language as tl
 
 from kubrick.engine.kernels import reference
-from kubrick.engine.kernels._common import mxfp4_codes_f16, mxfp4_scale_bf16, mxfp4_to_bf16
+from kubrick.engine.kernels._common import mxfp4_scale_bf16, mxfp4_to_bf16
 from kubrick.engine.kernels.moe_gemv import gemv_input, moe_gemv, word_dot_f16
-from kubrick.engine.kernels.moe_grouped import f16_input, group_by_expert, moe_grouped
+from kubrick.engine.kernels.moe_grouped import group_by_expert, moe_grouped
 
 from .helpers import from_gemv_input, random_moe, rel_error
 
@@ -31,26 +31,6 @@ def test_fast_fp4_decode_is_exact_for_every_byte_and_scale():
     expected = reference.dequant_mxfp4(packed.view(-1, 1, 16), scales.view(-1, 16)[:, :1].contiguous()).view(-1, 2)
     torch.testing.assert_close(low.cpu().float(), expected[:, 0] * 2.0**-63, rtol=0, atol=0)
     torch.testing.assert_close(high.cpu().float(), expected[:, 1] * 2.0**-63, rtol=0, atol=0)
-
-
-@triton.jit
-def _codes_f16_kernel(packed_ptr, low_ptr, high_ptr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    low, high = mxfp4_codes_f16(tl.load(packed_ptr + offs))
-    tl.store(low_ptr + offs, low)
-    tl.store(high_ptr + offs, high)
-
-
-@pytest.mark.gpu  # inline PTX
-def test_f16_codes_are_exact_for_every_byte():
-    # F16's decode: each code as fp16 code * 2**-14 (0.5 a subnormal), no scale; the low nibble first.
-    packed = torch.arange(256, dtype=torch.uint8)
-    low, high = (torch.empty(256, dtype=torch.float16, device="cuda") for _ in range(2))
-    _codes_f16_kernel[(1,)](packed.cuda(), low, high, BLOCK=256)
-    scale_one = torch.full((16, 1), 127, dtype=torch.uint8)
-    expected = reference.dequant_mxfp4(packed.view(16, 1, 16), scale_one).view(-1, 2)
-    torch.testing.assert_close(low.cpu().float(), expected[:, 0] * 2.0**-14, rtol=0, atol=0)
-    torch.testing.assert_close(high.cpu().float(), expected[:, 1] * 2.0**-14, rtol=0, atol=0)
 
 
 def test_reference_dequant_matches_the_format():
@@ -269,38 +249,3 @@ def test_moe_grouped_on_dot_scaled_and_fast_fp4_match_reference(device, tokens, 
     out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, FAST_FP4=True, W_FIRST=True,
                                                        BLOCK_M=block_m, BLOCK_N=64, num_warps=4))
     assert rel_error(out, expected) < 1e-2  # the same, the weights as wgmma's register operand
-
-
-@pytest.mark.gpu  # inline PTX
-@pytest.mark.parametrize("tokens", [3, 20, 60])
-@pytest.mark.parametrize("block_m,block_n,mlp2_n", [(8, 64, 128), (16, 128, 256), (16, 64, 64)])
-def test_moe_grouped_f16_matches_reference(tokens, block_m, block_n, mlp2_n):
-    # F16: fp16 codes and activations, one scale group a step. inter 192 over 128 output pairs and hidden 320
-    # over 256 rows leave masked row blocks; 60 tokens give experts more than 16 pairs (several tiles).
-    x, ids, weights, w = random_moe(tokens=tokens, hidden=320, inter=192, experts=8, topk=4, dtype=torch.bfloat16,
-                                    device="cuda")
-    expected = reference.moe(x, ids, weights, *w)
-    config = dict(DOT_SCALED=False, F16=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=3,
-                  MLP2=dict(BLOCK_N=mlp2_n))
-    out = moe_grouped(x, ids, weights, *w, config=config)
-    assert out.dtype == torch.bfloat16 and rel_error(out, expected) < 1e-2
-    stream = torch.randn(x.shape, device="cuda")
-    summed = moe_grouped(x, ids, weights, *w, config=config, out=stream.clone())
-    assert rel_error(summed, stream + expected.float()) < 1e-2
-
-
-@pytest.mark.gpu  # inline PTX
-@pytest.mark.parametrize("magnitude", [1e-3, 300.0])
-def test_moe_grouped_f16_takes_any_activation_range(magnitude):
-    # x goes to fp16 times its row's power of two (f16_input): tiny and large rows keep their precision.
-    x, ids, weights, w = random_moe(tokens=20, hidden=320, inter=192, experts=8, topk=4, dtype=torch.bfloat16,
-                                    device="cuda")
-    x = (x.float() * magnitude).to(torch.bfloat16)
-    data, mult = f16_input(x)
-    largest = (x.float().abs().amax(dim=1) * mult).cpu()
-    assert bool(((largest >= 2**13) & (largest < 2**14)).all())
-    assert data.abs().amax().item() == largest.max().item()  # exact: x times a power of two
-    out = moe_grouped(x, ids, weights, *w, config=dict(DOT_SCALED=False, F16=True, BLOCK_M=16, BLOCK_N=64,
-                                                       MLP2=dict(BLOCK_N=128)), x_f16=(data, mult))
-    # swiglu clamps large inputs, so the check is relative to the output's own scale
-    assert rel_error(out, reference.moe(x, ids, weights, *w)) < 2e-2

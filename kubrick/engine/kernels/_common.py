@@ -26,8 +26,7 @@ def interpreting() -> bool:
 #             MAX_PAIRS: moe() takes the GEMV up to this many (token, expert) pairs, the grouped kernel above
 #   moe_grouped: BLOCK_M (token rows per expert tile), BLOCK_N, BLOCK_K, warps, stages (prefill), DOT_SCALED
 #                (tl.dot_scaled on the packed weights instead of our dequantise + tl.dot; see moe_grouped.py),
-#                FAST_FP4 (our dequantise in inline PTX, see mxfp4_to_bf16 below); F16 (opt-in, in no table:
-#                fp16 codes scaled per group, see moe_grouped._f16_matmul);
+#                FAST_FP4 (our dequantise in inline PTX, see mxfp4_to_bf16 below);
 #   moe_grouped_small: the same for at most MAX_PAIRS (token, expert) pairs (default moe_grouped.SMALL_PAIRS,
 #             512), where tiles are mostly empty
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
@@ -280,32 +279,6 @@ def mxfp4_to_bf16(packed, scale):
         constraints="=r,=r,=r,=r,r,r,r",
         args=[packed, scale],
         dtype=(tl.bfloat16, tl.bfloat16),
-        is_pure=True,
-        pack=4,
-    )
-
-
-# Operands (Triton packs 4 elements a call): $0 $1 the low nibbles' codes of bytes 0-1 and 2-3, $2 $3 the high
-# nibbles', $4 the 4 bytes. u gets each byte's low code as an fp16 high byte (sign to bit 7, magnitude to bits
-# 1-3), v its high code; a byte permute then puts two of them, with zero low bytes, into one f16x2.
-_CODES_F16_PTX = tl.constexpr(
-    "{\n.reg .b32 t, u, v, z;\nmov.b32 z, 0;\n"
-    "shl.b32 t, $4, 1;\nand.b32 u, t, 0x0E0E0E0E;\nshl.b32 t, $4, 4;\nlop3.b32 u, t, 0x80808080, u, 0xEA;\n"
-    "shr.b32 t, $4, 3;\nand.b32 v, t, 0x0E0E0E0E;\nlop3.b32 v, $4, 0x80808080, v, 0xEA;\n"
-    "prmt.b32 $0, u, z, 0x1404;\nprmt.b32 $1, u, z, 0x3424;\nprmt.b32 $2, v, z, 0x1404;\nprmt.b32 $3, v, z, 0x3424;\n}"
-)
-
-
-@triton.jit
-def mxfp4_codes_f16(packed):
-    """Bytes of two E2M1 codes (uint8, first code in the low nibble) -> (first codes, second codes) in fp16,
-    each code * 2**-14 exactly (0.5 is a subnormal), scale not applied: 11 instructions for 8 codes, where
-    mxfp4_to_bf16 takes 22 with its scale. The caller multiplies a whole 32-code group's sum by its scale."""
-    return tl.inline_asm_elementwise(
-        asm=_CODES_F16_PTX,
-        constraints="=r,=r,=r,=r,r",
-        args=[packed],
-        dtype=(tl.float16, tl.float16),
         is_pure=True,
         pack=4,
     )

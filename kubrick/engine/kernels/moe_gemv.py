@@ -344,7 +344,7 @@ def _mlp2_combine_gemv_kernel(
 
 
 def h_exponent(swiglu_limit: float) -> int:
-    """The fixed power of two of h in fp16 (half layout, F16): swiglu's clamp bounds |h| by limit * (limit + 1),
+    """The fixed power of two of h in fp16 (the half layout): swiglu's clamp bounds |h| by limit * (limit + 1),
     which then lands under 2**14."""
     return 13 - math.floor(math.log2(max(swiglu_limit * (swiglu_limit + 1), 1.0)))
 
