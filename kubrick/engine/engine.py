@@ -38,6 +38,7 @@ from kubrick.engine.checkpoint import load_checkpoint
 from kubrick.engine.paged_cache import DEFAULT_BLOCK_SIZE, DEFAULT_CPU_BYTES, DEFAULT_GPU_FRACTION, PagedKVCache
 from kubrick.engine.sampler import Sampler
 from kubrick.engine.stop import StopStrings
+from kubrick.engine.switches import switched_off
 
 DEFAULT_CONTEXT_LENGTH = 8192
 # The model implementations an engine can run: the readable reference (the oracle), or the same model on
@@ -164,7 +165,7 @@ class Engine:
         self.paged: PagedKVCache | None = None
         if hasattr(self.model, "forward_batch"):
             self.paged = self._new_paged_cache(kv_cache_budget(kv_cache_memory, self.torch_device))
-            self.paged.prefix_reuse = os.environ.get("KUBRICK_PREFIX_CACHE", "1") not in ("0", "false", "no", "off")
+            self.paged.prefix_reuse = not switched_off("KUBRICK_PREFIX_CACHE")
             if hasattr(self.model, "capture_paged"):  # decode steps replay CUDA graphs; no request pays for them
                 self.model.capture_paged(self.paged, self.paged.blocks_needed(context_length), self.max_batch,
                                          self.step_tokens)

@@ -165,6 +165,13 @@ def test_settings_come_from_arguments_then_environment(tiny_original, tiny_hf, m
         Engine.from_env()
 
 
+@pytest.mark.parametrize("value,reuse", [("0", False), ("OFF", False), (" No ", False), ("False", False), ("1", True),
+                                         ("on", True)])
+def test_prefix_cache_switch_reads_any_case(tiny_original, monkeypatch, value, reuse):
+    monkeypatch.setenv("KUBRICK_PREFIX_CACHE", value)
+    assert Engine.from_env(checkpoint=tiny_original, device="cpu", context_length=128).paged.prefix_reuse is reuse
+
+
 def test_no_checkpoint_anywhere_is_one_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_CHECKPOINT", raising=False)
     monkeypatch.delenv("TRITON_MODEL", raising=False)

@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kubrick.engine.switches import switched_off
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1): small blocks, fp32 dots."""
@@ -123,12 +125,6 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def switched_off(name: str) -> bool:
-    """Whether environment variable `name` is 0 / false / no / off (any case): how the KUBRICK_* switches of the
-    GPU paths (KUBRICK_PDL, KUBRICK_GEMV_HALF) are turned off."""
-    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 # Programmatic dependent launch (PDL, sm90 and later): a kernel launched with it may be scheduled while the
