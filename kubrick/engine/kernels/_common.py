@@ -32,8 +32,8 @@ def interpreting() -> bool:
 #   moe_grouped_small: the same for at most MAX_PAIRS (token, expert) pairs (default moe_grouped.SMALL_PAIRS,
 #             512), where tiles are mostly empty
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
-#   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps, AHEAD (0-2 steps of W loaded before the
-#                PDL wait; kernels/linear.py, one token)
+#   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps, AHEAD (the first step of W loaded before the
+#                PDL wait, default on; kernels/linear.py, one token)
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     "interp": {
         "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, MAX_PAIRS=64),
@@ -52,9 +52,9 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_prefill": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
         # H100 `bench_kernels.py --sweep-linear`: 10.3 / 12.6 us (out / QKV) against cuBLAS + add 14.9 / 14.7;
-        # AHEAD: K steps of W loaded before the PDL wait (with mlp2's and the router's loads ahead, 1 step took
+        # AHEAD: the first K step of W loaded before the PDL wait (with mlp2's and the router's loads ahead,
         # batch 1 +3.5 % over waiting first, and 2 steps did no better: BENCHMARKS.md run 35)
-        "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, AHEAD=1),
+        "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, AHEAD=True),
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on FAST_FP4 and W_FIRST (filled in below)
     "small_smem": {  # sm86/sm89 (RTX 30/40, L4, L40), sm120 (RTX 50, RTX PRO 6000)

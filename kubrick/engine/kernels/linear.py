@@ -55,22 +55,18 @@ def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, 
     MASK_N: tl.constexpr = N % BLOCK_N != 0
     mask_n = offs_n < N
     FULL: tl.constexpr = K // BLOCK_K * BLOCK_K
-    # Under PDL the first AHEAD (0-2) steps' weights are loaded before waiting for the kernel before (they do not
-    # depend on it): the stream of W starts while that kernel still runs. They go into the loop's own
-    # accumulator (a separate sum would cost a reduction across the program, and was slower).
-    STEPS_AHEAD: tl.constexpr = AHEAD if PDL else 0
-    tl.static_assert(STEPS_AHEAD <= 2 and STEPS_AHEAD * BLOCK_K <= FULL, "0-2 whole steps ahead")
-    if STEPS_AHEAD >= 1:
+    # AHEAD, under PDL: the first step's weights are loaded before waiting for the kernel before (they do not
+    # depend on it), so the stream of W starts while that kernel still runs. The step goes into the loop's own
+    # accumulator (a separate sum would cost a reduction across the program, and was slower). Two steps ahead
+    # were no faster (BENCHMARKS.md run 35).
+    FIRST_AHEAD: tl.constexpr = AHEAD and PDL and BLOCK_K <= FULL
+    if FIRST_AHEAD:
         w0 = _w_tile(w_ptr, offs_n, mask_n, 0, K, BLOCK_K, MASK_N)
-    if STEPS_AHEAD >= 2:
-        w1 = _w_tile(w_ptr, offs_n, mask_n, BLOCK_K, K, BLOCK_K, MASK_N)
     pdl_start(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if STEPS_AHEAD >= 1:
+    if FIRST_AHEAD:
         acc += w0.to(tl.float32) * _x_tile(x_ptr, offs_n, 0, BLOCK_K).to(tl.float32)
-    if STEPS_AHEAD >= 2:
-        acc += w1.to(tl.float32) * _x_tile(x_ptr, offs_n, BLOCK_K, BLOCK_K).to(tl.float32)
-    for k0 in range(STEPS_AHEAD * BLOCK_K, FULL, BLOCK_K):
+    for k0 in range(BLOCK_K if FIRST_AHEAD else 0, FULL, BLOCK_K):
         acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, k0, K, BLOCK_K, MASK_N, False)
     if FULL < K:
         acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, FULL, K, BLOCK_K, MASK_N, True)
@@ -95,10 +91,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n, k = weight.shape
     cfg = block_config("linear_gemv", x.device) | (config or {})
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    ahead = max(0, min(cfg.get("AHEAD", 1), k // cfg["BLOCK_K"], 2))  # 0-2 whole steps
     _linear_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out,
         N=n, K=k, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, AHEAD=ahead, **pdl(x.device), num_warps=cfg["num_warps"],
+        HAS_RESIDUAL=residual is not None, AHEAD=bool(cfg.get("AHEAD", True)), **pdl(x.device),
+        num_warps=cfg["num_warps"],
     )
     return out
