@@ -133,7 +133,7 @@ def num_sms(device: torch.device) -> int:
 # writes: pdl_start waits, then lets the next kernel launch. So when a kernel starts, every kernel two back has
 # finished; only buffers that the kernel right before cannot be writing (weights; for the MoE GEMV's mlp2, the
 # router's expert ids) may be read before pdl_start, and the GEMVs do that with their first weights (their
-# stream then starts while the kernel before finishes). The decode step runs about 9 kernels a layer; CUDA graphs
+# stream then starts while the kernel before finishes). The decode step runs 8-9 kernels a layer; CUDA graphs
 # keep the launches programmatic. KUBRICK_PDL=0 (or false, no, off) turns it off (to measure it, or if a driver
 # mishandles it).
 @lru_cache(maxsize=None)
