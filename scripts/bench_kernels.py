@@ -27,6 +27,7 @@ from kubrick.engine.kernels._common import block_config  # noqa: E402
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill  # noqa: E402
 from kubrick.engine.kernels.moe_gemv import moe_gemv  # noqa: E402
 from kubrick.engine.kernels.moe_grouped import moe_grouped  # noqa: E402
+from kubrick.engine.kernels.moe_wgmma import moe_wgmma  # noqa: E402
 from kubrick.engine.kernels.rmsnorm import rmsnorm  # noqa: E402
 from kubrick.engine.kernels.rope import rope_and_cache  # noqa: E402
 from kubrick.engine.kernels.router import router  # noqa: E402
@@ -313,7 +314,7 @@ def explicit(cfg: dict | None) -> dict | None:
     the table's DOT_SCALED, FAST_FP4, ONE_DOT or MLP2 and run another path than its label says.)"""
     if cfg is None:
         return None
-    return dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={}) | cfg
+    return dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={}, WGMMA=False) | cfg
 
 
 def _sweep_moe(label: str, layers: int, token_counts: tuple[int, ...], runs_for) -> list[dict]:
@@ -363,19 +364,51 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
     return _sweep_moe("sweep", layers, token_counts, runs_for)
 
 
+# sm90's Gluon MoE (moe_wgmma.py): (BLOCK_M, BLOCK_N, STAGES, SUB, warps, PROBE); the table's is 16, 64, 2, 5, 4.
+# PROBE reads each tile's bytes as one contiguous run (wrong numbers): what the weights' scattered rows cost.
+WGMMA_SWEEP = [
+    dict(BLOCK_M=m, BLOCK_N=n, STAGES=st, SUB=sub, num_warps=w, PROBE=bool(probe))
+    for m, n, st, sub, w, probe in (
+        (16, 64, 2, 5, 4, 0), (16, 64, 2, 5, 4, 1), (16, 64, 3, 3, 4, 0), (16, 64, 2, 3, 4, 0), (16, 64, 2, 9, 4, 0),
+        (16, 64, 4, 1, 4, 0), (16, 64, 5, 1, 4, 0), (16, 128, 3, 3, 4, 0), (16, 128, 2, 3, 8, 0), (8, 64, 3, 3, 4, 0),
+        (32, 64, 3, 3, 4, 0), (64, 64, 3, 3, 4, 0), (64, 64, 3, 3, 4, 1), (64, 128, 3, 3, 4, 0),
+    )
+]
+
+
+def triton_tiles(*args, config: dict | None = None):
+    """moe_grouped on its own Triton tiles (the table's choice of them), never handing over to moe_wgmma."""
+    return moe_grouped(*args, config=dict(config or {}, WGMMA=False))
+
+
+def sweep_wgmma(layers: int, token_counts: tuple[int, ...] = (8, 16, 64, 128, 144, 256, 512)) -> list[dict]:
+    """sm90's Gluon MoE over WGMMA_SWEEP beside what moe() runs (the table) and the Triton tiles it replaced."""
+    def runs_for(tokens):
+        runs = [("moe_grouped", moe_grouped, None), ("triton tiles", triton_tiles, None)]
+        for cfg in WGMMA_SWEEP:
+            m = cfg["BLOCK_M"]
+            if m < 16 and tokens > 16 or m > 16 and tokens < 64 or m < 64 and tokens > 256:
+                continue
+            runs.append(("moe_wgmma", moe_wgmma, cfg))
+        return runs
+    return _sweep_moe("wgmma", layers, token_counts, runs_for)
+
+
 def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 144, 160, 176, 192, 224, 256, 512)) -> list[dict]:
-    """The grouped MoE's two block tables (moe_grouped_small, moe_grouped) at each token count, whichever moe()
-    would pick: where one should hand over to the other, and how a mixed step's MoE grows with its rows."""
+    """The grouped MoE's block tables (moe_grouped_small, moe_grouped, and sm90's moe_wgmma) at each token count,
+    each whole: where one should hand over to the next, and how a mixed step's MoE grows with its rows."""
     rows = []
     experts = moe_weights(layers)
     # Each table whole: a config overrides only the keys it names, on top of the table moe() picks by size.
-    keys = dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={})
-    tables = {name: keys | block_config(name, torch.device("cuda")) for name in ("moe_grouped_small", "moe_grouped")}
+    keys = dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={}, WGMMA=False)
+    tables = {name: (moe_grouped, keys | block_config(name, torch.device("cuda")))
+              for name in ("moe_grouped_small", "moe_grouped")}
+    tables["moe_wgmma"] = (moe_wgmma, block_config("moe_wgmma", torch.device("cuda")))
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
         routes = [routing(tokens, seed) for seed in range(layers)]
-        for name, cfg in tables.items():
-            calls = [lambda r=r, w=w, cfg=cfg: moe_grouped(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
+        for name, (fn, cfg) in tables.items():
+            calls = [lambda r=r, w=w, fn=fn, cfg=cfg: fn(x, *r, *w, config=cfg) for r, w in zip(routes, experts)]
             us = time_per_call(calls, replays=5) * 1e6
             rows.append(dict(kernel="moe_grouped", tokens=tokens, config=name, us=us))
             print(f"tables T={tokens} ({tokens * TOPK / EXPERTS:.0f} pairs an expert) {name}: {us:.1f} us", flush=True)
@@ -596,13 +629,16 @@ def main() -> None:
                         help="also time the grouped MoE's two block tables at 128-512 tokens (where one hands over)")
     parser.add_argument("--sweep-w-first", action="store_true",
                         help="also time the grouped MoE with the weights as the dot's first operand (W_FIRST)")
+    parser.add_argument("--sweep-wgmma", action="store_true",
+                        help="also time sm90's Gluon MoE (moe_wgmma) over its blocks beside the Triton tiles")
+    parser.add_argument("--sweeps-only", action="store_true", help="skip the kernel figures, run only the sweeps asked")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}  capability {torch.cuda.get_device_capability()}  "
           f"torch {torch.__version__}", flush=True)
-    rows, bandwidth = bench(args.layers)
+    rows, bandwidth = ([], copy_bandwidth()) if args.sweeps_only else bench(args.layers)
     print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     sweep_rows = sweep(args.layers) if args.sweep else []
     if args.sweep_gemv:
@@ -617,6 +653,8 @@ def main() -> None:
         sweep_rows += sweep_tables(args.layers)
     if args.sweep_w_first:
         sweep_rows += sweep_w_first(args.layers)
+    if args.sweep_wgmma:
+        sweep_rows += sweep_wgmma(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:

@@ -6,6 +6,7 @@ Triton's own ptxas and disassembled with its nvdisasm; the innermost backward br
 
     python scripts/sass_per_code.py gemv-mlp1 [--half]
     python scripts/sass_per_code.py grouped-mlp2 --block 64,64,64 --w-first
+    python scripts/sass_per_code.py wgmma-mlp2 [--block 16,64,64 --stages 2 --sub 5]   (sm90's Gluon MoE)
 """
 
 from __future__ import annotations
@@ -35,6 +36,39 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
                                                                                   num_stages=num_stages))
+
+
+def compile_gluon_sm90(fn, signature: dict, constexprs: dict):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
+    source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=constexprs["num_warps"]))
+
+
+def wgmma_kernel_and_codes(args):
+    """sm90's Gluon MoE: its K loop runs a stage of SUB steps, each BLOCK_N rows x BLOCK_K codes."""
+    from kubrick.engine.kernels import moe_wgmma
+
+    block_m, block_n, block_k = (int(v) for v in args.block.split(","))
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=args.stages, SUB=args.sub,
+                 num_warps=args.warps, PROBE=False)
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "STAGES", "SUB", "num_warps", "PROBE")
+    if args.kernel == "wgmma-mlp1":
+        signature = {"x_ptr": "*bf16", "pair_ids_ptr": "*i32", "tile_expert_ptr": "*i32", "w_blocks": "*u8",
+                     "w_scales": "*u8", "bias_ptr": "*bf16", "h_ptr": "*bf16", "INTER": "constexpr",
+                     "HIDDEN": "constexpr", "TOPK": "constexpr", "alpha": "fp32", "limit": "fp32",
+                     **{name: "constexpr" for name in names}}
+        kernel = compile_gluon_sm90(moe_wgmma._mlp1_wgmma_kernel, signature,
+                                    dict(INTER=INTER, HIDDEN=HIDDEN, TOPK=4, **tiles))
+    else:
+        signature = {"h_ptr": "*bf16", "pair_ids_ptr": "*i32", "tile_expert_ptr": "*i32", "route_w_ptr": "*fp32",
+                     "w_blocks": "*u8", "w_scales": "*u8", "bias_ptr": "*bf16", "out_ptr": "*fp32",
+                     "stride_out": "i32", "HIDDEN": "constexpr", "INTER": "constexpr", "TOPK": "constexpr",
+                     **{name: "constexpr" for name in names}}
+        kernel = compile_gluon_sm90(moe_wgmma._mlp2_wgmma_kernel, signature,
+                                    dict(HIDDEN=HIDDEN, INTER=INTER, TOPK=4, **tiles))
+    return kernel, args.sub * block_n * block_k
 
 
 def kernel_and_codes(args):
@@ -108,16 +142,23 @@ def opcode(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=["gemv-mlp1", "gemv-mlp2", "grouped-mlp2"])
+    parser.add_argument("kernel", choices=["gemv-mlp1", "gemv-mlp2", "grouped-mlp2", "wgmma-mlp1", "wgmma-mlp2"])
     parser.add_argument("--block", default="16,256,64", help="grouped: BLOCK_M,BLOCK_N,BLOCK_K (default: the sm90 "
                         "small table's mlp2 tile)")
     parser.add_argument("--warps", type=int, default=4)
-    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--stages", type=int, default=None, help="pipeline stages (grouped: 3, wgmma: 2)")
+    parser.add_argument("--sub", type=int, default=5, help="wgmma: steps a stage")
     parser.add_argument("--w-first", action="store_true", help="grouped: the weights as the dot's first operand")
     parser.add_argument("--half", action="store_true", help="gemv: the half layout (fp16 activation pairs)")
     parser.add_argument("--dot-scaled", action="store_true", help="grouped: tl.dot_scaled instead of FAST_FP4")
     args = parser.parse_args()
-    kernel, codes = kernel_and_codes(args)
+    if args.kernel.startswith("wgmma"):
+        args.block = args.block if args.block != "16,256,64" else "16,64,64"
+        args.stages = args.stages or 2
+        kernel, codes = wgmma_kernel_and_codes(args)
+    else:
+        args.stages = args.stages or 3
+        kernel, codes = kernel_and_codes(args)
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"sass_per_code_{os.getpid()}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
     try:
@@ -127,12 +168,14 @@ def main() -> None:
     finally:
         cubin.unlink()
     loop = loop_instructions(sass)
-    threads = 32 * (args.warps if args.kernel.startswith("grouped") else 4)
+    threads = 32 * (4 if args.kernel.startswith("gemv") else args.warps)
     registers = re.search(r"REG:(\d+)", usage)
     print(f"registers a thread: {registers.group(1) if registers else '?'}")
     print(f"{args.kernel}: {len(loop)} instructions a loop iteration a thread, {codes} codes an iteration over "
           f"{threads} threads: {len(loop) * threads / codes:.2f} instructions a code")
-    print("  most used:", ", ".join(f"{name} {n}" for name, n in collections.Counter(map(opcode, loop)).most_common(10)))
+    tally = collections.Counter(map(opcode, loop))
+    print("  most used:", ", ".join(f"{name} {n}" for name, n in tally.most_common(10)))
+    print(f"  shared-memory stores (STS) in the loop: {tally['STS']}")  # a layout change through shared memory
 
 
 if __name__ == "__main__":

@@ -120,6 +120,17 @@ def test_sass_per_code_compiles_the_moe_gemv_for_sm90_without_a_gpu_and_counts_i
     assert "FFMA" in out.stdout  # the opcode tally of the loop
 
 
+def test_sass_per_code_shows_the_gluon_moe_decoding_into_the_wgmma_operand_without_shared_memory():
+    # moe_wgmma's point: the decoded codes are the wgmma register operand as they come out (no STS, no layout
+    # change through shared memory), at about 4.3 instructions a code (the Triton W_FIRST tiles take ~8).
+    out = subprocess.run([sys.executable, str(SCRIPTS / "sass_per_code.py"), "wgmma-mlp2"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    per_code = float(out.stdout.split("instructions a code")[0].rsplit(":", 1)[1])
+    assert 2 < per_code < 6
+    assert "HGMMA" in out.stdout and "stores (STS) in the loop: 0" in out.stdout
+
+
 def test_every_grouped_sweep_entry_runs_the_path_it_names_whichever_table_moe_picks():
     # moe_grouped merges a config over the table it picks by size: an entry must not inherit that table's
     # DOT_SCALED / FAST_FP4 / ONE_DOT / W_FIRST / MLP2 (the W_FIRST sweep's 512-token rows once ran dot_scaled).
@@ -135,3 +146,4 @@ def test_every_grouped_sweep_entry_runs_the_path_it_names_whichever_table_moe_pi
                 for flag in ("DOT_SCALED", "FAST_FP4", "ONE_DOT", "W_FIRST"):
                     assert merged[flag] == entry.get(flag, False), (entry, flag)
                 assert merged["MLP2"] == entry.get("MLP2", {})
+                assert merged["WGMMA"] is False  # never handed to sm90's Gluon kernels

@@ -8,6 +8,8 @@ router.norm_router                      (residual add,) RMSNorm and router in on
 rope.rope_and_cache                     QKV split + YaRN RoPE + KV-cache write             reference.rope_and_cache
 moe_gemv.moe_gemv                       MXFP4 MoE for few tokens (decode)                  reference.moe
 moe_grouped.moe_grouped                 MXFP4 MoE for many tokens (prefill), expert tiles  reference.moe
+moe_wgmma.moe_wgmma                     the same for decode batches on sm90, in Gluon      reference.moe
+                                        (moe_grouped hands it its calls there)
 attention.attention_prefill             flash-style causal GQA with sinks + window         reference.attention
 attention.attention_decode              split-KV decode with sinks + window, GQA shared    reference.attention
 sampling.sample                         every row's next token: argmax, or a Gumbel-max    softmax(x / T) frequencies

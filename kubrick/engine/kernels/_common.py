@@ -34,6 +34,8 @@ def interpreting() -> bool:
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
 #   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps, AHEAD (the first step of W loaded before the
 #                PDL wait, default on; kernels/linear.py, one token)
+#   moe_wgmma: sm90's Gluon MoE (moe_wgmma.py): BLOCK_M pairs, BLOCK_N rows, BLOCK_K, STAGES of SUB steps, warps;
+#              moe_grouped hands it calls of more than the GEMV's and at most MAX_PAIRS pairs (0: never)
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     "interp": {
         "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, MAX_PAIRS=64),
@@ -42,6 +44,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_prefill": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "attn_decode": dict(BLOCK_N=16, num_warps=4, num_stages=1),
         "linear_gemv": dict(BLOCK_N=16, BLOCK_K=32, num_warps=4),
+        "moe_wgmma": dict(MAX_PAIRS=0),  # sm90 only (Gluon compiles, never interprets)
     },
     "big_smem": {  # sm80 (A100), sm90 (H100/H200), sm100 (B200); MoE entries: best of the H100 sweeps
         # (moe_gemv: `bench_kernels.py --sweep-gemv`, 38.1 us a layer at 1 token, BLOCK_K 1024 spills)
@@ -55,6 +58,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         # AHEAD: the first K step of W loaded before the PDL wait (with mlp2's and the router's loads ahead,
         # batch 1 +3.5 % over waiting first, and 2 steps did no better: BENCHMARKS.md run 35)
         "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, AHEAD=True),
+        "moe_wgmma": dict(MAX_PAIRS=0),  # measured on sm90 only
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on FAST_FP4 and W_FIRST (filled in below)
     "small_smem": {  # sm86/sm89 (RTX 30/40, L4, L40), sm120 (RTX 50, RTX PRO 6000)
@@ -64,6 +68,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
         "linear_gemv": dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
+        "moe_wgmma": dict(MAX_PAIRS=0),
     },
 }
 
@@ -94,6 +99,11 @@ _TABLE["sm90"] = _TABLE["big_smem"] | {
     # mlp1's gate and linear rows in one dot (ONE_DOT): 268 vs 279
     "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True,
                               ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64), MAX_PAIRS=4 * 144),
+    # Gluon's wgmma with the decode written into its register operand, stages of 5 steps (160-byte runs of a row):
+    # 207 / 234 / 308 / 341 us a layer against the small table's 257 / 268 / 361 / 394 at 16 / 64 / 128 / 144
+    # tokens (`bench_kernels.py --sweep-wgmma`, BENCHMARKS.md run 37); at 256 tokens and more it ties or loses
+    # to W_FIRST, so it takes the small table's range
+    "moe_wgmma": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 144),
 }
 
 

@@ -18,6 +18,9 @@ The Triton 3.6 CPU interpreter has no dot_scaled, so CPU tests run the tl.dot pa
 W_FIRST (sm90's table above the small steps): our dequantised weights as the dot's first operand, W @ x^T summed
 transposed, so that on sm90 they are wgmma's register operand (see _expert_matmul); mlp1 then runs ONE_DOT.
 
+On sm90, calls of at most the moe_wgmma table entry's MAX_PAIRS pairs go to moe_wgmma.py (Gluon kernels that decode
+straight into wgmma's register operand) instead of these kernels.
+
 A path on fp16 codes scaled per 32-value group (F16, BENCHMARKS.md run 34) measured 2-7 % behind the small table
 on the H100 and was removed; ec2c9e8 has it.
 """
@@ -317,6 +320,30 @@ def _paths(launch: dict) -> dict:
                          W_FIRST=launch["W_FIRST"] and not scaled)
 
 
+def mlp2_sum(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """The float32 [T, H] buffer mlp2 adds its experts' rows into: `out` itself (the float32 stream), else the
+    residual or zeros. Starting from the residual saves a launch and a rounding."""
+    tokens, hidden = x.shape
+    if out is not None:
+        assert residual is None and out.dtype == torch.float32 and out.shape == (tokens, hidden) and out.stride(-1) == 1
+        return out
+    if residual is None:
+        return torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    return residual.to(torch.float32, copy=True)
+
+
+def _wgmma_config(x: torch.Tensor, pairs: int, hidden: int, inter: int, config: dict | None) -> dict | None:
+    """The launch settings of sm90's Gluon kernels (moe_wgmma.py) when they take this call, else None: up to the
+    block table's MAX_PAIRS (0 on other GPUs), bf16 activations, shapes they support. A config names the Triton
+    tiles' settings, so with one the Triton tiles run (unless it says WGMMA=True)."""
+    cfg = block_config("moe_wgmma", x.device)
+    if pairs > cfg["MAX_PAIRS"] or x.dtype != torch.bfloat16 or config and not config.get("WGMMA", False):
+        return None
+    from kubrick.engine.kernels.moe_wgmma import supports
+
+    return cfg if supports(x.shape[1], inter, cfg) else None
+
+
 def moe_grouped(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -339,12 +366,19 @@ def moe_grouped(
     returned as it is (float32; no launch to copy the residual in, none to cast the result).
 
     `config` overrides entries of the block table (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, and MLP2:
-    a dict of BLOCK_N, BLOCK_K, num_warps, num_stages for the mlp2 kernel alone).
+    a dict of BLOCK_N, BLOCK_K, num_warps, num_stages for the mlp2 kernel alone); with a config, these tiles run
+    even where sm90 would take moe_wgmma.
     """
     tokens, hidden = x.shape
     topk = expert_ids.shape[1]
     n_experts = mlp1_blocks.shape[0]
     inter = mlp1_blocks.shape[1] // 2
+    wgmma = _wgmma_config(x, expert_ids.numel(), hidden, inter, config)
+    if wgmma is not None:
+        from kubrick.engine.kernels.moe_wgmma import moe_wgmma
+
+        return moe_wgmma(x, expert_ids, expert_weights, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks,
+                         mlp2_scales, mlp2_bias, swiglu_alpha, swiglu_limit, wgmma, residual, out)
     for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_weights):
         assert t.is_contiguous()
     assert x.stride(-1) == 1 and hidden % 32 == 0 and inter % 32 == 0
@@ -371,14 +405,8 @@ def moe_grouped(
         INTER=inter, HIDDEN=hidden, TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit,
         ONE_DOT=cfg.get("ONE_DOT", False) or common["W_FIRST"], **common, **pdl(x.device),
     )
-    # mlp2 adds its experts' rows into float32 out, which starts as the residual: one rounding, one launch less.
     accumulate = out is not None
-    if accumulate:
-        assert residual is None and out.dtype == torch.float32 and out.shape == (tokens, hidden) and out.stride(-1) == 1
-    elif residual is None:
-        out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
-    else:
-        out = residual.to(torch.float32, copy=True)
+    out = mlp2_sum(x, residual, out)
     common2 = _paths(asked | cfg.get("MLP2", {}))  # mlp2's own tile (its K is the intermediate size, its N hidden)
     _mlp2_combine_grouped_kernel[(tiles, triton.cdiv(hidden, common2["BLOCK_N"]))](
         h, pair_ids, tile_expert, expert_weights, mlp2_blocks, mlp2_scales, mlp2_bias, out, out.stride(0),
