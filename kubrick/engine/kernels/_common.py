@@ -77,10 +77,11 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # interpreter also runs). All figures are per layer, from `bench_kernels.py` sweeps (BENCHMARKS.md).
 # - Small steps: our inline-PTX decode (FAST_FP4) on tl.dot in 16-row tiles. It beat tl.dot_scaled (which took
 #   the packed weights as stored, but whose MXFP4 upcast costs ~9 instructions a code against ~4.4): 287 / 295 /
-#   297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens (`--sweep-small`). The GEMV keeps up
-#   to 14 tokens: on the half layout 139.5 / 193.6 / 220.5 us against the grouped kernel's 209.0 / 241.0 / 252.2
-#   at 8 / 12 / 14 tokens; 252.0 against 255.9 at 16, a tie, so the paged 16-row bucket stays grouped (H100,
-#   `--sweep-decode`, BENCHMARKS.md run 33).
+#   297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens (`--sweep-small`). Since run 37 the
+#   Gluon kernels (moe_wgmma below) take these steps, and the GEMV keeps up to 10 tokens: 139.8 / 153.5 / 167.2 /
+#   178.7 / 196.1 / 222.1 us against moe_wgmma's 154.5 / 161.0 / 167.5 / 175.9 / 181.7 / 190.9 at 8 / 9 / 10 / 11 /
+#   12 / 14 tokens (H100, `bench_kernels.gemv_against_grouped`, BENCHMARKS.md run 37). The paged buckets are 8 and
+#   16 rows, so only eager steps of 9-14 tokens see the difference.
 # - Larger steps: FAST_FP4 with the weights as the dot's first operand (W_FIRST: wgmma's register operand, see
 #   moe_grouped.py) in 64 x 64 x 32 tiles, which replaced dot_scaled's 128-row tiles (`--sweep-w-first`, H200,
 #   2026-11-23): 410 / 605 / 986 / 1798 us against 545 / 855 / 1233 / 2045 at 256 / 512 / 1024 / 2048 tokens;
@@ -92,7 +93,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 #   tokens against 36.0 / 191.2 on the float32 layout with its own best blocks (BENCHMARKS.md, run 33).
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": dict(BLOCK_I=8, BLOCK_K=1024, num_warps=8, MLP2=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
-                     MAX_PAIRS=4 * 14, HALF=True),
+                     MAX_PAIRS=4 * 10, HALF=True),
     "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=5, FAST_FP4=True, W_FIRST=True,
                         MLP2=dict(BLOCK_N=128, num_warps=4)),
     # mlp2 (K = intermediate, N = hidden) on its own tile of 256 rows x 64 values: 279 vs 294 us at 64 tokens;
