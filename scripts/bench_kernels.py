@@ -333,7 +333,8 @@ def _sweep_moe(label: str, layers: int, token_counts: tuple[int, ...], runs_for)
             try:
                 us = time_per_call(calls, replays=5 if tokens > 128 else 20) * 1e6
             except Exception as exc:  # a block shape can overflow shared memory or registers
-                print(f"{label} {name} T={tokens} {cfg}: failed: {str(exc).splitlines()[0][:120]}", flush=True)
+                print(f"{label} {name} T={tokens} {cfg}: failed: {(str(exc) or repr(exc)).splitlines()[0][:120]}",
+                      flush=True)
                 continue
             pct = 100 * nbytes / (us / 1e6) / bandwidth
             rows.append(dict(kernel=name, tokens=tokens, config=cfg or "table", us=us, pct_copy=pct,
@@ -364,7 +365,7 @@ def sweep_small(layers: int, token_counts: tuple[int, ...] = (8, 16, 32, 64, 128
     return _sweep_moe("sweep", layers, token_counts, runs_for)
 
 
-# sm90's Gluon MoE (moe_wgmma.py): (BLOCK_M, BLOCK_N, STAGES, SUB, warps, PROBE); the table's is 16, 64, 2, 5, 4.
+# sm90's Gluon MoE (moe_wgmma.py): (BLOCK_M, BLOCK_N, STAGES, SUB, warps, PROBE); moe_wgmma's is 16, 64, 2, 5, 4.
 # PROBE reads each tile's bytes as one contiguous run (wrong numbers): what the weights' scattered rows cost.
 WGMMA_SWEEP = [
     dict(BLOCK_M=m, BLOCK_N=n, STAGES=st, SUB=sub, num_warps=w, PROBE=bool(probe))
@@ -372,6 +373,9 @@ WGMMA_SWEEP = [
         (16, 64, 2, 5, 4, 0), (16, 64, 2, 5, 4, 1), (16, 64, 3, 3, 4, 0), (16, 64, 2, 3, 4, 0), (16, 64, 2, 9, 4, 0),
         (16, 64, 4, 1, 4, 0), (16, 64, 5, 1, 4, 0), (16, 128, 3, 3, 4, 0), (16, 128, 2, 3, 8, 0), (8, 64, 3, 3, 4, 0),
         (32, 64, 3, 3, 4, 0), (64, 64, 3, 3, 4, 0), (64, 64, 3, 3, 4, 1), (64, 128, 3, 3, 4, 0),
+        # for prompt chunks beside decodes (the moe_wgmma_mid entry is 64, 128, 4, 1, 8)
+        (64, 128, 4, 1, 8, 0), (64, 128, 2, 3, 8, 0), (32, 128, 2, 3, 8, 0), (64, 256, 2, 3, 8, 0),
+        (64, 256, 4, 1, 8, 0), (128, 128, 2, 3, 8, 0),
     )
 ]
 
@@ -381,13 +385,13 @@ def triton_tiles(*args, config: dict | None = None):
     return moe_grouped(*args, config=dict(config or {}, WGMMA=False))
 
 
-def sweep_wgmma(layers: int, token_counts: tuple[int, ...] = (8, 16, 64, 128, 144, 256, 512)) -> list[dict]:
+def sweep_wgmma(layers: int, token_counts: tuple[int, ...] = (8, 16, 64, 128, 144, 256, 512, 1024)) -> list[dict]:
     """sm90's Gluon MoE over WGMMA_SWEEP beside what moe() runs (the table) and the Triton tiles it replaced."""
     def runs_for(tokens):
         runs = [("moe_grouped", moe_grouped, None), ("triton tiles", triton_tiles, None)]
         for cfg in WGMMA_SWEEP:
             m = cfg["BLOCK_M"]
-            if m < 16 and tokens > 16 or m > 16 and tokens < 64 or m < 64 and tokens > 256:
+            if m < 16 and tokens > 16 or m > 16 and tokens < 64 or m < 64 and tokens > 512:
                 continue
             runs.append(("moe_wgmma", moe_wgmma, cfg))
         return runs
@@ -403,7 +407,8 @@ def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 144, 160, 17
     keys = dict(DOT_SCALED=False, FAST_FP4=False, ONE_DOT=False, W_FIRST=False, MLP2={}, WGMMA=False)
     tables = {name: (moe_grouped, keys | block_config(name, torch.device("cuda")))
               for name in ("moe_grouped_small", "moe_grouped")}
-    tables["moe_wgmma"] = (moe_wgmma, block_config("moe_wgmma", torch.device("cuda")))
+    for name in ("moe_wgmma", "moe_wgmma_mid"):
+        tables[name] = (moe_wgmma, block_config(name, torch.device("cuda")))
     for tokens in token_counts:
         x = torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16)
         routes = [routing(tokens, seed) for seed in range(layers)]

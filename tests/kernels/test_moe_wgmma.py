@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kubrick.engine.kernels import reference
+from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.moe_grouped import moe_grouped
 from kubrick.engine.kernels.moe_wgmma import dot_order, in_dot_order, moe_wgmma, packed_bases, true_k
 
@@ -54,30 +55,32 @@ def test_each_lane_reads_one_run_of_bytes_and_a_byte_gives_the_pair_8_apart():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_sm90(), reason="Gluon wgmma kernels: sm90 only")
-@pytest.mark.parametrize("tokens", [1, 13, 64, 144])
-def test_moe_wgmma_matches_reference_at_the_20b_shape(tokens):
+@pytest.mark.parametrize("tokens,table", [(1, "moe_wgmma"), (13, "moe_wgmma"), (64, "moe_wgmma"), (144, "moe_wgmma"),
+                                          (145, "moe_wgmma_mid"), (600, "moe_wgmma_mid")])
+def test_moe_wgmma_matches_reference_at_the_20b_shape(tokens, table):
     x, ids, weights, w = random_moe(tokens=tokens, hidden=2880, inter=2880, experts=32, topk=4,
                                     dtype=torch.bfloat16, device=torch.device("cuda"))
     expected = reference.moe(x, ids, weights, *w)
-    out = moe_wgmma(x, ids, weights, *w)
+    out = moe_wgmma(x, ids, weights, *w, config=block_config(table, x.device))
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     assert rel_error(out, expected) < 1e-2
     stream = torch.randn(x.shape, device="cuda")
     before = stream.clone()
-    assert moe_wgmma(x, ids, weights, *w, out=stream) is stream  # summed into the float32 stream in place
+    assert moe_wgmma(x, ids, weights, *w, config=block_config(table, x.device), out=stream) is stream  # in place
     assert rel_error(stream, before + expected.float()) < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_sm90(), reason="Gluon wgmma kernels: sm90 only")
-@pytest.mark.parametrize("block_m,block_n,sub", [(16, 64, 1), (8, 64, 3), (64, 128, 1)])
-def test_moe_wgmma_with_partial_row_tiles_padded_pairs_and_other_blocks(block_m, block_n, sub):
-    # hidden 192 over 128-row tiles leaves mlp2 a partial tile (rows clamped, outputs dropped); 20 tokens over
-    # the experts leave padded pair slots; the residual is added.
+@pytest.mark.parametrize("block_m,block_n,sub,warps", [(16, 64, 1, 4), (8, 64, 3, 4), (64, 128, 1, 8), (32, 256, 1, 8)])
+def test_moe_wgmma_with_partial_row_tiles_padded_pairs_and_other_blocks(block_m, block_n, sub, warps):
+    # hidden 192 over 128- or 256-row tiles leaves mlp2 a partial tile, and 384 mlp1 rows over 256 leave mlp1 one
+    # (rows clamped, their outputs dropped); 20 tokens over the experts leave padded pair slots; the residual is
+    # added.
     x, ids, weights, w = random_moe(tokens=20, hidden=192, inter=192, experts=4, topk=2, dtype=torch.bfloat16,
                                     device=torch.device("cuda"))
     residual = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, STAGES=2, SUB=sub, num_warps=4)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, STAGES=2, SUB=sub, num_warps=warps)
     out = moe_wgmma(x, ids, weights, *w, config=config, residual=residual)
     assert rel_error(out, residual + reference.moe(x, ids, weights, *w)) < 1e-2
 
@@ -90,9 +93,9 @@ def test_moe_grouped_hands_small_calls_to_moe_wgmma_on_sm90(monkeypatch):
     calls = []
     real = module.moe_wgmma
     monkeypatch.setattr(module, "moe_wgmma", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    for tokens in (64, 200):  # 256 pairs: Gluon; 800 (past MAX_PAIRS 576): the Triton tiles
+    for tokens in (64, 200, 1100):  # 256 and 800 pairs: Gluon (two tables); 4,400 (past 4,096): the Triton tiles
         x, ids, weights, w = random_moe(tokens=tokens, hidden=2880, inter=2880, experts=32, topk=4,
                                         dtype=torch.bfloat16, device=torch.device("cuda"))
         assert rel_error(moe_grouped(x, ids, weights, *w), reference.moe(x, ids, weights, *w)) < 1e-2
     moe_grouped(x[:64], ids[:64], weights[:64], *w, config=dict(BLOCK_M=16))  # a config: the Triton tiles
-    assert calls == [64]
+    assert calls == [64, 200]

@@ -34,8 +34,9 @@ def interpreting() -> bool:
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
 #   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps, AHEAD (the first step of W loaded before the
 #                PDL wait, default on; kernels/linear.py, one token)
-#   moe_wgmma: sm90's Gluon MoE (moe_wgmma.py): BLOCK_M pairs, BLOCK_N rows, BLOCK_K, STAGES of SUB steps, warps;
-#              moe_grouped hands it calls of more than the GEMV's and at most MAX_PAIRS pairs (0: never)
+#   moe_wgmma, moe_wgmma_mid: sm90's Gluon MoE (moe_wgmma.py): BLOCK_M pairs, BLOCK_N rows, BLOCK_K, STAGES of
+#              SUB steps, warps; moe_grouped hands it calls of at most MAX_PAIRS pairs (0: never), the first entry
+#              whose MAX_PAIRS holds the call
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     "interp": {
         "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, MAX_PAIRS=64),
@@ -45,6 +46,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_decode": dict(BLOCK_N=16, num_warps=4, num_stages=1),
         "linear_gemv": dict(BLOCK_N=16, BLOCK_K=32, num_warps=4),
         "moe_wgmma": dict(MAX_PAIRS=0),  # sm90 only (Gluon compiles, never interprets)
+        "moe_wgmma_mid": dict(MAX_PAIRS=0),
     },
     "big_smem": {  # sm80 (A100), sm90 (H100/H200), sm100 (B200); MoE entries: best of the H100 sweeps
         # (moe_gemv: `bench_kernels.py --sweep-gemv`, 38.1 us a layer at 1 token, BLOCK_K 1024 spills)
@@ -59,6 +61,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         # batch 1 +3.5 % over waiting first, and 2 steps did no better: BENCHMARKS.md run 35)
         "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, AHEAD=True),
         "moe_wgmma": dict(MAX_PAIRS=0),  # measured on sm90 only
+        "moe_wgmma_mid": dict(MAX_PAIRS=0),
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on FAST_FP4 and W_FIRST (filled in below)
     "small_smem": {  # sm86/sm89 (RTX 30/40, L4, L40), sm120 (RTX 50, RTX PRO 6000)
@@ -69,6 +72,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
         "linear_gemv": dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
         "moe_wgmma": dict(MAX_PAIRS=0),
+        "moe_wgmma_mid": dict(MAX_PAIRS=0),
     },
 }
 
@@ -105,6 +109,10 @@ _TABLE["sm90"] = _TABLE["big_smem"] | {
     # tokens (`bench_kernels.py --sweep-wgmma`, BENCHMARKS.md run 37); at 256 tokens and more it ties or loses
     # to W_FIRST, so it takes the small table's range
     "moe_wgmma": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 144),
+    # and above, prompt chunks beside decodes: 64 pairs x 128 rows, 8 warps, single steps 4 deep: 369 / 557 / 954 us
+    # against W_FIRST's 412 / 602 / 987 at 256 / 512 / 1024 tokens (`--sweep-wgmma`, BENCHMARKS.md run 37); the
+    # Triton prefill tiles keep longer prompts
+    "moe_wgmma_mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=4, SUB=1, num_warps=8, MAX_PAIRS=4 * 1024),
 }
 
 

@@ -18,8 +18,8 @@ The Triton 3.6 CPU interpreter has no dot_scaled, so CPU tests run the tl.dot pa
 W_FIRST (sm90's table above the small steps): our dequantised weights as the dot's first operand, W @ x^T summed
 transposed, so that on sm90 they are wgmma's register operand (see _expert_matmul); mlp1 then runs ONE_DOT.
 
-On sm90, calls of at most the moe_wgmma table entry's MAX_PAIRS pairs go to moe_wgmma.py (Gluon kernels that decode
-straight into wgmma's register operand) instead of these kernels.
+On sm90, calls of at most the moe_wgmma_mid table entry's MAX_PAIRS pairs (1024 tokens) go to moe_wgmma.py (Gluon
+kernels that decode straight into wgmma's register operand) instead of these kernels.
 
 A path on fp16 codes scaled per 32-value group (F16, BENCHMARKS.md run 34) measured 2-7 % behind the small table
 on the H100 and was removed; ec2c9e8 has it.
@@ -334,14 +334,17 @@ def mlp2_sum(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor |
 
 def _wgmma_config(x: torch.Tensor, pairs: int, hidden: int, inter: int, config: dict | None) -> dict | None:
     """The launch settings of sm90's Gluon kernels (moe_wgmma.py) when they take this call, else None: up to the
-    block table's MAX_PAIRS (0 on other GPUs), bf16 activations, shapes they support. A config names the Triton
-    tiles' settings, so with one the Triton tiles run (unless it says WGMMA=True)."""
-    cfg = block_config("moe_wgmma", x.device)
-    if pairs > cfg["MAX_PAIRS"] or x.dtype != torch.bfloat16 or config and not config.get("WGMMA", False):
+    block table's MAX_PAIRS of moe_wgmma or moe_wgmma_mid (0 on other GPUs), bf16 activations, shapes they
+    support. A config names the Triton tiles' settings, so with one the Triton tiles run (unless WGMMA=True)."""
+    if x.dtype != torch.bfloat16 or config and not config.get("WGMMA", False):
         return None
-    from kubrick.engine.kernels.moe_wgmma import supports
+    for entry in ("moe_wgmma", "moe_wgmma_mid"):  # decode batches, then prompt chunks beside them
+        cfg = block_config(entry, x.device)
+        if pairs <= cfg["MAX_PAIRS"]:
+            from kubrick.engine.kernels.moe_wgmma import supports
 
-    return cfg if supports(x.shape[1], inter, cfg) else None
+            return cfg if supports(x.shape[1], inter, cfg) else None
+    return None
 
 
 def moe_grouped(

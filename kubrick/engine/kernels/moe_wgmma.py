@@ -235,14 +235,16 @@ def _mlp1_wgmma_kernel(x_ptr, pair_ids_ptr, tile_expert_ptr, w_blocks, w_scales,
         y = gl.convert_layout(y, pair3) * X_SHIFT
         i = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(1, outs))
         r = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, pair3)))
-        bias = gl.load(bias_ptr + row0 + 2 * gl.expand_dims(gl.expand_dims(i, 1), 2)
-                       + gl.expand_dims(gl.expand_dims(r, 0), 1)).to(gl.float32)
+        local = gl.program_id(1) * BLOCK_N + 2 * gl.expand_dims(gl.expand_dims(i, 1), 2) \
+            + gl.expand_dims(gl.expand_dims(r, 0), 1)  # the expert's row of each value
+        bias = gl.load(bias_ptr + expert * (2 * INTER) + local, mask=local < 2 * INTER, other=0.0).to(gl.float32)
         gate, lin = gl.split(y + bias)
         gate = gl.minimum(gate, limit)
         lin = gl.minimum(gl.maximum(lin, -limit), limit)
         out = gate * (1.0 / (1.0 + gl.exp(-alpha * gate))) * (lin + 1.0)
-        col = _dot_position(gl.program_id(1) * (BLOCK_N // 2) + i, BLOCK_K)
-        gl.store(h_ptr + pairs[None, :] * INTER + col[:, None], out.to(h_ptr.dtype.element_ty), mask=valid_m[None, :])
+        col = gl.program_id(1) * (BLOCK_N // 2) + i
+        gl.store(h_ptr + pairs[None, :] * INTER + _dot_position(col, BLOCK_K)[:, None], out.to(h_ptr.dtype.element_ty),
+                 mask=valid_m[None, :] & (col < INTER)[:, None])
 
 
 @gluon.jit
@@ -277,9 +279,9 @@ def in_dot_order(x: torch.Tensor, block_k: int) -> torch.Tensor:
 
 
 def supports(hidden: int, inter: int, cfg: dict) -> bool:
-    """Whether the shapes suit these kernels: K in whole stages, mlp1's rows in whole tiles."""
+    """Whether the shapes suit these kernels: K in whole stages (rows may end in a partial tile)."""
     stage_bytes = cfg["BLOCK_K"] // 2 * cfg["SUB"]
-    return (hidden // 2) % stage_bytes == 0 and (inter // 2) % stage_bytes == 0 and (2 * inter) % cfg["BLOCK_N"] == 0
+    return (hidden // 2) % stage_bytes == 0 and (inter // 2) % stage_bytes == 0
 
 
 def moe_wgmma(x, expert_ids, expert_weights, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
@@ -302,7 +304,7 @@ def moe_wgmma(x, expert_ids, expert_weights, mlp1_blocks, mlp1_scales, mlp1_bias
     launch = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], STAGES=cfg["STAGES"],
                   SUB=cfg["SUB"], num_warps=cfg["num_warps"], PROBE=cfg.get("PROBE", False))
     x_dot = in_dot_order(x, cfg["BLOCK_K"])
-    _mlp1_wgmma_kernel[(tiles, 2 * inter // cfg["BLOCK_N"])](
+    _mlp1_wgmma_kernel[(tiles, triton.cdiv(2 * inter, cfg["BLOCK_N"]))](
         x_dot, pair_ids, tile_expert, mlp1_blocks, mlp1_scales, mlp1_bias, h, INTER=inter, HIDDEN=hidden,
         TOPK=topk, alpha=swiglu_alpha, limit=swiglu_limit, **launch)
     accumulate = out is not None
