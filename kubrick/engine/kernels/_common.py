@@ -109,10 +109,10 @@ _TABLE["sm90"] = _TABLE["big_smem"] | {
     # tokens (`bench_kernels.py --sweep-wgmma`, BENCHMARKS.md run 37); at 256 tokens and more it ties or loses
     # to W_FIRST, so it takes the small table's range
     "moe_wgmma": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 144),
-    # and above, prompt chunks beside decodes: 64 pairs x 128 rows, 8 warps, single steps 4 deep: 369 / 557 / 954 us
-    # against W_FIRST's 412 / 602 / 987 at 256 / 512 / 1024 tokens (`--sweep-wgmma`, BENCHMARKS.md run 37); the
-    # Triton prefill tiles keep longer prompts
-    "moe_wgmma_mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=4, SUB=1, num_warps=8, MAX_PAIRS=4 * 1024),
+    # and above, prompt chunks beside decodes: 64 pairs x 128 rows, single steps 4 deep: 383 / 576 / 969 us against
+    # W_FIRST's 415 / 606 / 992 at 256 / 512 / 1024 tokens (BENCHMARKS.md run 37); the Triton prefill tiles keep
+    # longer prompts
+    "moe_wgmma_mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=4, SUB=1, num_warps=4, MAX_PAIRS=4 * 1024),
 }
 
 

@@ -13,8 +13,10 @@ decode writes the operand directly:
   x by a copy before mlp1 (in_dot_order), h by mlp1 itself for mlp2.
 
 The weights and activations arrive by cp.async in a ring of STAGES stages of SUB steps (BLOCK_K values of every
-row a step); a warpgroup decodes a step (_common.mxfp4_to_bf16's PTX, weights 2**-63 too small) and issues an
-async wgmma against x^T, one wgmma in flight while the next step decodes. The scales come by plain loads three
+row a step); the warpgroup (one: 4 warps) decodes a step (_common.mxfp4_to_bf16's PTX, weights 2**-63 too small)
+and issues an async wgmma against x^T, one wgmma in flight while the next step decodes. Two warpgroups (8 warps)
+computed wrong sums on the H100, also when a slot waited for both warpgroups' wgmmas (BENCHMARKS.md run 37; not
+understood), so moe_wgmma refuses them. The scales come by plain loads three
 steps ahead.
 
 Why stages of several steps: the bytes of one row are far apart in memory (a row is K/2 bytes), so a step
@@ -181,7 +183,7 @@ def _expert_wgmma(x_ptr, x_rows, stride_x, valid_m, w_blocks, w_scales, row0, ro
             acc = warpgroup_mma(a, x_ring.index(slot * SUB + sub).permute((1, 0)), acc, is_async=True)
             acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))  # the step before is done
             a_prev = a
-            if sub == 0:  # so the stage before is done with: refill its slot
+            if sub == 0:  # so the stage before is done with (one warpgroup: its own wait says so): refill its slot
                 _load_stage(w_ring, x_ring, stage + STAGES - 1, (stage + STAGES - 1) % STAGES, w_ptrs, x_ptrs,
                             x_mask, BYTES, SUB, STEPS, PROBE)
             s0, s1, s2 = s1, s2, s_next
@@ -296,6 +298,7 @@ def moe_wgmma(x, expert_ids, expert_weights, mlp1_blocks, mlp1_scales, mlp1_bias
     topk = expert_ids.shape[1]
     inter = mlp1_blocks.shape[1] // 2
     assert x.dtype == torch.bfloat16 and supports(hidden, inter, cfg)
+    assert cfg["num_warps"] == 4, "one warpgroup (8 warps gave wrong sums, see the module docstring)"
     for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_weights):
         assert t.is_contiguous()
     pair_ids, tile_expert = group_by_expert(expert_ids, mlp1_blocks.shape[0], cfg["BLOCK_M"])
