@@ -302,6 +302,8 @@ def kernel_label(name: str) -> str:
     table = [
         ("mlp1_swiglu_gemv", "MoE decode GEMV mlp1+swiglu (Triton)"), ("mlp2_combine_gemv", "MoE decode GEMV mlp2 (Triton)"),
         ("mlp1_swiglu_grouped", "MoE grouped mlp1+swiglu (Triton)"), ("mlp2_combine_grouped", "MoE grouped mlp2 (Triton)"),
+        ("mlp1_wgmma", "MoE wgmma mlp1+swiglu (Gluon, sm90)"), ("mlp2_wgmma", "MoE wgmma mlp2 (Gluon, sm90)"),
+        ("group_by_expert", "MoE pairs grouped by expert (Triton)"),
         ("decode_split", "attention decode (Triton)"), ("decode_combine", "attention decode combine (Triton)"),
         ("_prefill_kernel", "attention prefill (Triton)"), ("rmsnorm", "RMSNorm (Triton)"),
         ("rope_cache", "RoPE + KV write (Triton)"), ("_router_kernel", "residual add + RMSNorm + router (Triton)"),
