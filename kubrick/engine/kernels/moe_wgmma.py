@@ -15,8 +15,8 @@ decode writes the operand directly:
 The weights and activations arrive by cp.async in a ring of STAGES stages of SUB steps (BLOCK_K values of every
 row a step); the warpgroup (one: 4 warps) decodes a step (_common.mxfp4_to_bf16's PTX, weights 2**-63 too small)
 and issues an async wgmma against x^T, one wgmma in flight while the next step decodes. Two warpgroups (8 warps)
-computed wrong sums on the H100, also when a slot waited for both warpgroups' wgmmas (BENCHMARKS.md run 37; not
-understood), so moe_wgmma refuses them. The scales come by plain loads three
+would share the ring, so a slot would wait for both; on 64 x 128 tiles their sums came out wrong on the H100 even
+then, on 64 x 256 right but 2x slower (BENCHMARKS.md run 37; not understood), so the kernel takes 4 warps only. The scales come by plain loads three
 steps ahead.
 
 Why stages of several steps: the bytes of one row are far apart in memory (a row is K/2 bytes), so a step
@@ -158,6 +158,7 @@ def _expert_wgmma(x_ptr, x_rows, stride_x, valid_m, w_blocks, w_scales, row0, ro
                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES * SUB, BLOCK_M, BLOCK_K],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16))
+    gl.static_assert(num_warps == 4, "one warpgroup: it alone reads the ring, so its own wgmma waits free the slots")
     for st in gl.static_range(STAGES - 1):
         _load_stage(w_ring, x_ring, st, st, w_ptrs, x_ptrs, x_mask, BYTES, SUB, STEPS, PROBE)
     s0 = gl.load(s_ptrs)
@@ -168,8 +169,9 @@ def _expert_wgmma(x_ptr, x_rows, stride_x, valid_m, w_blocks, w_scales, row0, ro
     a_prev = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, layout=dot)  # the A operand of the wgmma in flight
     for stage in range(STEPS // SUB):
         slot = stage % STAGES
-        async_copy.wait_group(STAGES - 2)  # this stage's copies (by this thread) have landed,
-        gl.thread_barrier()  # and everyone's
+        async_copy.wait_group(STAGES - 2)  # this stage's copies (by this thread) have landed;
+        fence_async_shared()  # its writes (generic proxy) made visible to wgmma's reads (async proxy), by the writer,
+        gl.thread_barrier()  # then everyone's
         for sub in gl.static_range(SUB):
             step = stage * SUB + sub
             s_next = gl.load(s_ptrs + gl.minimum(step + 3, STEPS - 1) * GROUPS)
@@ -179,11 +181,10 @@ def _expert_wgmma(x_ptr, x_rows, stride_x, valid_m, w_blocks, w_scales, row0, ro
             w = gl.reshape(gl.join(low, high), [BLOCK_N, 4, BLOCK_K // 16, 2, 2])  # true K: (lane, chunk, h, nibble)
             w = gl.reshape(gl.permute(w, (0, 2, 4, 1, 3)), [BLOCK_N, BLOCK_K])  # dot order: (chunk, nibble, lane, h)
             a = gl.convert_layout(w, dot)  # the same registers, renamed (no data moves)
-            fence_async_shared()  # x came by cp.async (generic proxy); wgmma reads it through the async proxy
             acc = warpgroup_mma(a, x_ring.index(slot * SUB + sub).permute((1, 0)), acc, is_async=True)
             acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))  # the step before is done
             a_prev = a
-            if sub == 0:  # so the stage before is done with (one warpgroup: its own wait says so): refill its slot
+            if sub == 0:  # so the stage before is done with: refill its slot
                 _load_stage(w_ring, x_ring, stage + STAGES - 1, (stage + STAGES - 1) % STAGES, w_ptrs, x_ptrs,
                             x_mask, BYTES, SUB, STEPS, PROBE)
             s0, s1, s2 = s1, s2, s_next
@@ -298,7 +299,6 @@ def moe_wgmma(x, expert_ids, expert_weights, mlp1_blocks, mlp1_scales, mlp1_bias
     topk = expert_ids.shape[1]
     inter = mlp1_blocks.shape[1] // 2
     assert x.dtype == torch.bfloat16 and supports(hidden, inter, cfg)
-    assert cfg["num_warps"] == 4, "one warpgroup (8 warps gave wrong sums, see the module docstring)"
     for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales, expert_weights):
         assert t.is_contiguous()
     pair_ids, tile_expert = group_by_expert(expert_ids, mlp1_blocks.shape[0], cfg["BLOCK_M"])
