@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kubrick.engine.kernels._common import block_config  # noqa: E402
 from kubrick.engine.kernels.attention import attention_decode, attention_prefill  # noqa: E402
 from kubrick.engine.kernels.moe_gemv import moe_gemv  # noqa: E402
-from kubrick.engine.kernels.moe_grouped import moe_grouped  # noqa: E402
+from kubrick.engine.kernels import moe_grouped as grouped_module  # noqa: E402
+from kubrick.engine.kernels.moe_grouped import group_by_expert, moe_grouped  # noqa: E402
 from kubrick.engine.kernels.moe_wgmma import moe_wgmma  # noqa: E402
 from kubrick.engine.kernels.rmsnorm import rmsnorm  # noqa: E402
 from kubrick.engine.kernels.rope import rope_and_cache  # noqa: E402
@@ -397,6 +398,25 @@ def sweep_wgmma(layers: int, token_counts: tuple[int, ...] = (8, 16, 64, 128, 14
     return _sweep_moe("wgmma", layers, token_counts, runs_for)
 
 
+def sweep_grouping(layers: int, token_counts: tuple[int, ...] = (64, 256, 300, 512, 1024, 2048)) -> list[dict]:
+    """group_by_expert as moe_grouped runs it (one program up to SPLIT_PAIRS pairs, a program per chunk above)
+    against one program at every size: where the split pays."""
+    rows = []
+    split = grouped_module.SPLIT_PAIRS
+    for tokens in token_counts:
+        routes = [routing(tokens, seed)[0] for seed in range(layers)]
+        for name, limit in (("as run", split), ("one program", 1 << 30)):
+            grouped_module.SPLIT_PAIRS = limit
+            try:
+                calls = [lambda ids=ids: group_by_expert(ids, EXPERTS, 16) for ids in routes]
+                us = time_per_call(calls) * 1e6
+            finally:
+                grouped_module.SPLIT_PAIRS = split
+            rows.append(dict(kernel="group_by_expert", tokens=tokens, config=name, us=us))
+            print(f"grouping T={tokens} ({tokens * TOPK} pairs) {name}: {us:.1f} us", flush=True)
+    return rows
+
+
 def sweep_tables(layers: int, token_counts: tuple[int, ...] = (128, 144, 160, 176, 192, 224, 256, 512)) -> list[dict]:
     """The grouped MoE's block tables (moe_grouped_small, moe_grouped, and sm90's moe_wgmma) at each token count,
     each whole: where one should hand over to the next, and how a mixed step's MoE grows with its rows."""
@@ -635,6 +655,8 @@ def main() -> None:
                         help="also time the grouped MoE with the weights as the dot's first operand (W_FIRST)")
     parser.add_argument("--sweep-wgmma", action="store_true",
                         help="also time sm90's Gluon MoE (moe_wgmma) over its blocks beside the Triton tiles")
+    parser.add_argument("--sweep-grouping", action="store_true",
+                        help="also time the MoE's grouping of pairs by expert, split over programs or not")
     parser.add_argument("--sweeps-only", action="store_true", help="skip the kernel figures, run only the sweeps asked")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
@@ -659,6 +681,8 @@ def main() -> None:
         sweep_rows += sweep_w_first(args.layers)
     if args.sweep_wgmma:
         sweep_rows += sweep_wgmma(args.layers)
+    if args.sweep_grouping:
+        sweep_rows += sweep_grouping(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:

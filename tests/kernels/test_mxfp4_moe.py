@@ -164,18 +164,27 @@ def test_group_by_expert_compiles_once_for_every_token_count():
     # A serving step's token count changes every step; a compile mid-serving stalls every stream ~0.5 s.
     from kubrick.engine.kernels.moe_grouped import _group_by_expert_kernel
 
+    from kubrick.engine.kernels.moe_grouped import _count_per_chunk_kernel, _place_chunk_kernel
+
+    def variants():
+        device = torch.cuda.current_device()
+        return [len(k.device_caches[device][0]) for k in (_group_by_expert_kernel, _count_per_chunk_kernel,
+                                                           _place_chunk_kernel)]
+
     compiled = []
-    for tokens in (1, 16, 17, 64, 333, 512):
+    for tokens in (1, 16, 17, 64, 333, 512, 257, 300, 511):  # 1,028-2,044 pairs: the split path, 16 chunks
         ids = torch.randint(0, 32, (tokens, 4), dtype=torch.int32, device="cuda")
         got = group_by_expert(ids, 32, 16)
         assert all(torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, reference.group_by_expert(ids, 32, 16)))
-        compiled.append(len(_group_by_expert_kernel.device_caches[torch.cuda.current_device()][0]))
-    assert compiled[1:] == compiled[:-1], compiled  # no new variant after the first call
+        compiled.append(variants())
+    assert compiled[1:4] == compiled[:3] and compiled[5:] == compiled[4:-1], compiled  # none new after the first
 
 
-@pytest.mark.parametrize("tokens,topk,experts,block_m", [(500, 4, 5, 16), (7, 4, 32, 64), (64, 4, 32, 16)])
+@pytest.mark.parametrize("tokens,topk,experts,block_m", [(500, 4, 5, 16), (7, 4, 32, 64), (64, 4, 32, 16),
+                                                          (700, 4, 32, 64), (1100, 4, 32, 16)])
 def test_group_by_expert_is_the_stable_sort_of_the_reference(device, tokens, topk, experts, block_m):
-    # 2000 pairs span several of the kernel's chunks; 5 experts is no power of two.
+    # 2000 pairs span several of the kernel's chunks; 5 experts is no power of two. Above SPLIT_PAIRS (1024) a
+    # program per chunk counts and another places: 2,800 pairs in 32 chunks of 128 (10 of them empty), 4,400 in 64.
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.randint(0, experts, (tokens, topk), generator=gen, dtype=torch.int32).to(device)
     got = group_by_expert(ids, experts, block_m)
