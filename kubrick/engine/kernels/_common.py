@@ -105,13 +105,13 @@ _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_grouped_small": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, FAST_FP4=True,
                               ONE_DOT=True, MLP2=dict(BLOCK_N=256, BLOCK_K=64), MAX_PAIRS=4 * 144),
     # Gluon's wgmma with the decode written into its register operand, stages of 5 steps (160-byte runs of a row):
-    # 207 / 234 / 308 / 341 us a layer against the small table's 257 / 268 / 361 / 394 at 16 / 64 / 128 / 144
-    # tokens (`bench_kernels.py --sweep-wgmma`, BENCHMARKS.md run 37); at 256 tokens and more it ties or loses
-    # to W_FIRST, so it takes the small table's range
+    # 205 / 233 / 304 / 341 us a layer against the small table's 256 / 269 / 366 / 396 at 16 / 64 / 128 / 144
+    # tokens (`bench_kernels.py --sweeps-only --sweep-wgmma`, BENCHMARKS.md run 37); at 256 tokens and more these
+    # tiles lose (499 against W_FIRST's 417), so they take the small table's range
     "moe_wgmma": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 144),
-    # and above, prompt chunks beside decodes: 64 pairs x 128 rows, single steps 4 deep: 383 / 576 / 969 us against
-    # W_FIRST's 415 / 606 / 992 at 256 / 512 / 1024 tokens (BENCHMARKS.md run 37); the Triton prefill tiles keep
-    # longer prompts
+    # and above, prompt chunks beside decodes: 64 pairs x 128 rows, single steps 4 deep: 385 / 575 / 969 us against
+    # W_FIRST's 417 / 609 / 990 at 256 / 512 / 1024 tokens (the same sweep); the Triton prefill tiles keep longer
+    # prompts
     "moe_wgmma_mid": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, STAGES=4, SUB=1, num_warps=4, MAX_PAIRS=4 * 1024),
 }
 

@@ -102,7 +102,8 @@ def _count_per_chunk_kernel(ids_ptr, counts_ptr, pair_ids_ptr, PAIRS, SLOTS, SPA
     tl.store(counts_ptr + p * E + experts, tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0))
     for s0 in range(p * SPAN, tl.minimum((p + 1) * SPAN, SLOTS), CHUNK):
         slots = s0 + tl.arange(0, CHUNK)
-        tl.store(pair_ids_ptr + slots, tl.full((CHUNK,), -1, tl.int32), mask=(slots < SLOTS) & (slots < (p + 1) * SPAN))
+        padding = tl.full((CHUNK,), -1, tl.int32)
+        tl.store(pair_ids_ptr + slots, padding, mask=(slots < SLOTS) & (slots < (p + 1) * SPAN))
 
 
 @triton.jit(do_not_specialize=["PAIRS", "TILES"])
@@ -395,7 +396,7 @@ def mlp2_sum(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor |
     return residual.to(torch.float32, copy=True)
 
 
-def _wgmma_config(x: torch.Tensor, pairs: int, hidden: int, inter: int, config: dict | None) -> dict | None:
+def _wgmma_config(x: torch.Tensor, pairs: int, inter: int, config: dict | None) -> dict | None:
     """The launch settings of sm90's Gluon kernels (moe_wgmma.py) when they take this call, else None: up to the
     block table's MAX_PAIRS of moe_wgmma or moe_wgmma_mid (0 on other GPUs), bf16 activations, shapes they
     support. A config names the Triton tiles' settings, so with one the Triton tiles run (unless WGMMA=True)."""
@@ -439,7 +440,7 @@ def moe_grouped(
     topk = expert_ids.shape[1]
     n_experts = mlp1_blocks.shape[0]
     inter = mlp1_blocks.shape[1] // 2
-    wgmma = _wgmma_config(x, expert_ids.numel(), hidden, inter, config)
+    wgmma = _wgmma_config(x, expert_ids.numel(), inter, config)
     if wgmma is not None:
         from kubrick.engine.kernels.moe_wgmma import moe_wgmma
 

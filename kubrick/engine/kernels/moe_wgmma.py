@@ -16,8 +16,8 @@ The weights and activations arrive by cp.async in a ring of STAGES stages of SUB
 row a step); the warpgroup (one: 4 warps) decodes a step (_common.mxfp4_to_bf16's PTX, weights 2**-63 too small)
 and issues an async wgmma against x^T, one wgmma in flight while the next step decodes. Two warpgroups (8 warps)
 would share the ring, so a slot would wait for both; on 64 x 128 tiles their sums came out wrong on the H100 even
-then, on 64 x 256 right but 2x slower (BENCHMARKS.md run 37; not understood), so the kernel takes 4 warps only. The scales come by plain loads three
-steps ahead.
+then, on 64 x 256 right but 2x slower (BENCHMARKS.md run 37; not understood), so the kernel takes 4 warps only.
+The scales come by plain loads three steps ahead.
 
 Why stages of several steps: the bytes of one row are far apart in memory (a row is K/2 bytes), so a step
 reads BLOCK_N short runs. Asked for as one stage, a row's SUB steps are one run (SUB * BLOCK_K / 2 bytes),
