@@ -6,7 +6,8 @@ run; compute-bound ones (prefill) report TFLOP/s. Every kernel runs over LAYERS 
 inside one CUDA graph, so nothing is served from L2 that a real decode step would have to read from HBM.
 
     python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--sweep-decode]
-        [--sweep-tables] [--sweep-w-first] [--model] [--json out.json] [--layers 8]
+        [--sweep-tables] [--sweep-w-first] [--sweep-wgmma]
+        [--sweep-grouping] [--sweeps-only] [--model] [--json out.json] [--layers 8]
 """
 
 from __future__ import annotations

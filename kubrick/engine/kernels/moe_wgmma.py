@@ -22,8 +22,8 @@ The scales come by plain loads three steps ahead.
 Why stages of several steps: the bytes of one row are far apart in memory (a row is K/2 bytes), so a step
 reads BLOCK_N short runs. Asked for as one stage, a row's SUB steps are one run (SUB * BLOCK_K / 2 bytes),
 which DRAM serves faster: on the H100 the same kernel reading its bytes as one contiguous run (PROBE, wrong
-numbers, a timing probe) was ~25 % faster than with 32-byte runs, and stages of 5 steps got half of that back
-(BENCHMARKS.md run 37).
+numbers, a timing probe) was ~25 % faster than with 32-byte runs, and stages of 5 steps got half to two thirds
+of that back (BENCHMARKS.md run 37).
 
 Tiles: BLOCK_N weight rows (64 a warpgroup: wgmma's M) x BLOCK_M (token, expert) pairs of one expert (wgmma's
 N), laid out by moe_grouped.group_by_expert. mlp1 fuses bias and swiglu, mlp2 the bias, the routing weight and
