@@ -40,6 +40,7 @@ from kubrick.engine.kernels.moe_gemv import new_gemv_input
 from kubrick.engine.kernels.rmsnorm import rmsnorm
 from kubrick.engine.kernels.rope import rope_and_cache
 from kubrick.engine.kernels.router import norm_router
+from kubrick.engine.kernels.step_inputs import KV_LENS_EACH, KV_LENS_LAST, KV_LENS_NONE, step_inputs
 from kubrick.engine.kv_cache import KVCache
 from kubrick.engine.mixed_graphs import PagedMixedGraphs
 from kubrick.engine.model import RotaryEmbedding
@@ -93,8 +94,8 @@ class FastTransformer:
         # One sequence: its cache rows are its positions; keys [S, KVH, D] are seen as a batch of one.
         kv = [(cache.keys[i], cache.values[i], cache.keys[i][None], cache.values[i][None])
               for i in range(self.config.num_hidden_layers)]
-        kv_lens = (positions[-1:] + 1).to(torch.int32)  # decode attention reads the length from the device
-        return self._layers(tokens, positions, positions, kv, start, kv_lens, all_logits)
+        # (the decode attention reads the sequence's length, the last position + 1, from the device)
+        return self._layers(tokens, positions, positions, kv, start, KV_LENS_LAST, all_logits)
 
     @torch.inference_mode()
     def decode_batch(self, tokens: torch.Tensor, positions: torch.Tensor, cache: "BatchedKVCache") -> torch.Tensor:
@@ -106,13 +107,15 @@ class FastTransformer:
         batch = tokens.shape[0]
         rows = positions + cache.slot_offsets[:batch]  # rows of the flattened [B*S, KVH, D] cache
         kv = [cache.layer(i, batch) for i in range(self.config.num_hidden_layers)]
-        kv_lens = (positions + 1).to(torch.int32)
-        return self._layers(tokens, positions, rows, kv, None, kv_lens, all_logits=True)
+        return self._layers(tokens, positions, rows, kv, None, KV_LENS_EACH, all_logits=True)
 
-    def _layers(self, tokens, positions, rows, kv, start: int | None, kv_lens, all_logits: bool) -> torch.Tensor:
+    def _step_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, kv_lens: int = KV_LENS_NONE):
+        """(embeddings, rotary cos, sin, kv_lens) of a step's tokens, in one launch (kernels/step_inputs.py)."""
+        return step_inputs(tokens, positions, self.embedding, self.rope.inv_freq, self.rope.concentration, kv_lens)
+
+    def _layers(self, tokens, positions, rows, kv, start: int | None, kv_lens_kind: int, all_logits: bool):
         c = self.config
-        cos, sin = self.rope.cos_sin(positions)
-        x = self.embedding[tokens]
+        x, cos, sin, kv_lens = self._step_inputs(tokens, positions, kv_lens_kind)
         for layer in range(c.num_hidden_layers):
             x = self._moe(layer, *self._attention(layer, x, cos, sin, rows, kv[layer], start, kv_lens))
         x = rmsnorm(x if all_logits else x[-1:], self.w["norm.scale"], c.rms_norm_eps, dtype=self.dtype)
@@ -162,8 +165,7 @@ class FastTransformer:
     def _paged_layers(self, step: "PagedStep", cache: PagedKVCache, last_rows: bool) -> torch.Tensor:
         """The model over one step's rows; logits of each segment's last row (last_rows) or of every row."""
         c = self.config
-        cos, sin = self.rope.cos_sin(step.positions)
-        x = self.embedding[step.tokens]
+        x, cos, sin, _ = self._step_inputs(step.tokens, step.positions)
         for layer in range(c.num_hidden_layers):
             q = self._paged_qkv(layer, x, cos, sin, step.rows_full, step.rows_window, cache)
             out = self._paged_attention(layer, q, step, cache)

@@ -68,8 +68,7 @@ class PagedMixedGraphs:
         self.streams[bucket] = state
 
         def first():
-            state["cos"], state["sin"] = model.rope.cos_sin(positions)
-            state["x"] = model.embedding[tokens]
+            state["x"], state["cos"], state["sin"], _ = model._step_inputs(tokens, positions)
             model._paged_qkv(0, state["x"], state["cos"], state["sin"], rows_full, rows_window, cache, q_out=q)
 
         def after_attention(layer: int):

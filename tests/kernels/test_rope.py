@@ -29,3 +29,26 @@ def test_rope_and_cache_matches_reference(device, dtype, bound):
     # The model's own rotation of the query heads agrees too.
     model_q = rope.rotate(qkv[:, : q_heads * head_dim].reshape(n, q_heads, head_dim), cos, sin)
     assert rel_error(q, model_q) < bound
+
+
+@pytest.mark.parametrize("kv_lens", ["each", "last", "none"])
+def test_step_inputs_match_the_model(device, kv_lens):
+    """One launch gives what the model's first ops give: the embedding rows, RotaryEmbedding.cos_sin at the
+    positions (float32 rounding apart), and kv_lens = position + 1 for each token or the last."""
+    from kubrick.engine.kernels.step_inputs import KV_LENS_EACH, KV_LENS_LAST, KV_LENS_NONE, step_inputs
+
+    kind = {"each": KV_LENS_EACH, "last": KV_LENS_LAST, "none": KV_LENS_NONE}[kv_lens]
+    rope = RotaryEmbedding(ModelConfig(head_dim=64), device)  # YaRN factor 32, as gpt-oss
+    embedding = torch.randn(50, 96, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=torch.bfloat16)
+    tokens = torch.tensor([7, 0, 49, 7], device=device)
+    positions = torch.tensor([5, 4096, 131071, 0], device=device)
+    x, cos, sin, lens = step_inputs(tokens, positions, embedding, rope.inv_freq, rope.concentration, kind)
+    assert torch.equal(x, embedding[tokens])
+    expected_cos, expected_sin = rope.cos_sin(positions)
+    assert (cos - expected_cos).abs().max() < 1e-5 and (sin - expected_sin).abs().max() < 1e-5
+    if kind == KV_LENS_EACH:
+        assert lens.dtype == torch.int32 and lens.tolist() == [6, 4097, 131072, 1]
+    elif kind == KV_LENS_LAST:
+        assert lens.tolist() == [1]
+    else:
+        assert lens is None

@@ -6,6 +6,8 @@ rmsnorm.add_rmsnorm                     residual add as bf16 adds, float32 sum, 
 router.router                           x W^T + b, top-k, softmax over the k               reference.router
 router.norm_router                      (residual add,) RMSNorm and router in one launch   reference.rmsnorm, .router
 rope.rope_and_cache                     QKV split + YaRN RoPE + KV-cache write             reference.rope_and_cache
+step_inputs.step_inputs                 a step's embeddings, rotary cos/sin and kv_lens    embedding[tokens],
+                                        in one launch                                      RotaryEmbedding.cos_sin
 moe_gemv.moe_gemv                       MXFP4 MoE for few tokens (decode)                  reference.moe
 moe_grouped.moe_grouped                 MXFP4 MoE for many tokens (prefill), expert tiles  reference.moe
 moe_wgmma.moe_wgmma                     the same for decode batches on sm90, in Gluon      reference.moe
