@@ -21,7 +21,7 @@ from kubrick.engine.kernels._common import pdl, pdl_start
 KV_LENS_NONE, KV_LENS_EACH, KV_LENS_LAST = 0, 1, 2  # kv_lens[t] = position + 1 for every token, or the last only
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])  # one compile for every step size (a compile stalls all streams)
 def _step_inputs_kernel(tokens_ptr, positions_ptr, embedding_ptr, x_ptr, inv_freq_ptr, cos_ptr, sin_ptr, kv_lens_ptr,
                         n_tokens, concentration, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr,
                         KV_LENS: tl.constexpr, PDL: tl.constexpr):
@@ -59,7 +59,8 @@ def step_inputs(tokens: torch.Tensor, positions: torch.Tensor, embedding: torch.
     if kv_lens != KV_LENS_NONE:
         lens = torch.empty(n if kv_lens == KV_LENS_EACH else 1, dtype=torch.int32, device=embedding.device)
     if n:
-        _step_inputs_kernel[(n,)](tokens, positions, embedding, x, inv_freq, cos, sin, lens if lens is not None else cos,
-                                  n, float(concentration), HIDDEN=hidden, BLOCK_H=triton.next_power_of_2(hidden),
+        lens_out = lens if lens is not None else cos  # (never written without kv_lens)
+        _step_inputs_kernel[(n,)](tokens, positions, embedding, x, inv_freq, cos, sin, lens_out, n, float(concentration),
+                                  HIDDEN=hidden, BLOCK_H=triton.next_power_of_2(hidden),
                                   HALF=half, KV_LENS=kv_lens, **pdl(embedding.device), num_warps=4)
     return x, cos, sin, lens
