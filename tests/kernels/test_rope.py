@@ -52,3 +52,20 @@ def test_step_inputs_match_the_model(device, kv_lens):
         assert lens.tolist() == [1]
     else:
         assert lens is None
+
+
+@pytest.mark.gpu  # the interpreter compiles nothing
+def test_step_inputs_compile_once_for_every_step_size():
+    # A serving step's token count changes every step; a compile mid-serving stalls every stream ~0.5 s.
+    from kubrick.engine.kernels.step_inputs import KV_LENS_EACH, _step_inputs_kernel, step_inputs
+
+    rope = RotaryEmbedding(ModelConfig(head_dim=64), "cuda")
+    embedding = torch.randn(50, 96, device="cuda", dtype=torch.bfloat16)
+    compiled = []
+    for n in (1, 16, 17, 64, 333, 512):
+        tokens = torch.randint(0, 50, (n,), device="cuda")
+        x, *_ = step_inputs(tokens, torch.arange(n, device="cuda"), embedding, rope.inv_freq, rope.concentration,
+                            KV_LENS_EACH)
+        assert torch.equal(x, embedding[tokens])
+        compiled.append(len(_step_inputs_kernel.device_caches[torch.cuda.current_device()][0]))
+    assert compiled[1:] == compiled[:-1], compiled
