@@ -402,6 +402,7 @@ def moe_gemv(
     h_gemv = torch.empty(h_shape, dtype=torch.int32 if half else torch.float32, device=x.device)
     # Four packed bytes are read as one int32 word.
     w1, w2 = mlp1_blocks.view(torch.int32), mlp2_blocks.view(torch.int32)
+    # Pairs first: at 8 tokens pairs that share an expert run together and meet in L2 (rows first: 18 % slower).
     grid1 = (tokens * topk, triton.cdiv(inter, cfg["BLOCK_I"]))
     _mlp1_swiglu_gemv_kernel[grid1](
         x_gemv.data, x_gemv.mult if half else x_gemv.data, expert_ids, w1, mlp1_scales, mlp1_bias, h_gemv,
