@@ -31,6 +31,7 @@ from kubrick.engine.kernels._common import (arrival_counters, block_config, inte
                                            pdl_start)
 
 LOG2E = 1.4426950408889634
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # (the same, for the kernels)
 MERGE_SPLITS = 4  # up to this many splits the decode's last split merges them (no combine launch)
 
 
@@ -40,6 +41,12 @@ def _dot_args(dtype: torch.dtype) -> dict:
     if interpreting() or dtype == torch.float32:
         return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
     return dict(DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, DOT_PRECISION=None)
+
+
+@triton.jit
+def _sink_logit(sinks_ptr, heads, mask):
+    """The heads' sink logits in the exp2 domain the kernels' scores run in (times log2(e)); 0 where not mask."""
+    return tl.load(sinks_ptr + heads, mask=mask, other=0.0).to(tl.float32) * _LOG2E
 
 
 @triton.jit
@@ -78,7 +85,7 @@ def _prefill_kernel(
     k_base = k_ptr + batch * sk_b + kv_head * sk_h
     v_base = v_ptr + batch * sv_b + kv_head * sv_h
 
-    m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+    m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + _sink_logit(sinks_ptr, head, True)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + 1.0
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
 
@@ -213,7 +220,7 @@ def _decode_split_kernel(
         m_i = m_new
     out_ptrs = o_ptr + batch * so_b + heads[:, None] * so_h + offs_d[None, :]
     if SPLITS == 1:  # the whole key range: finish here
-        sink = tl.load(sinks_ptr + heads, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
+        sink = _sink_logit(sinks_ptr, heads, mask_g)
         m_all = tl.maximum(m_i, sink)
         w = tl.exp2(m_i - m_all)
         out = acc * w[:, None] / (l_i * w + tl.exp2(sink - m_all))[:, None]
@@ -228,7 +235,7 @@ def _decode_split_kernel(
         if MERGE:
             if last_to_arrive(counter_ptr + bk, SPLITS):
                 first = (batch * Q_HEADS + heads) * SPLITS
-                sink = tl.load(sinks_ptr + heads, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
+                sink = _sink_logit(sinks_ptr, heads, mask_g)
                 m_all = sink
                 for s in tl.static_range(SPLITS):
                     m_all = tl.maximum(m_all, tl.load(part_m_ptr + first + s, mask=mask_g, other=0.0,
@@ -258,7 +265,7 @@ def _decode_combine_kernel(
     m = tl.load(part_m_ptr + bh * SPLITS + offs_s)
     l = tl.load(part_l_ptr + bh * SPLITS + offs_s)
     acc = tl.load(part_acc_ptr + (bh * SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :])
-    sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+    sink = _sink_logit(sinks_ptr, head, True)
     m_all = tl.maximum(tl.max(m, axis=0), sink)
     w = tl.exp2(m - m_all)
     denom = tl.sum(l * w, axis=0) + tl.exp2(sink - m_all)
