@@ -10,6 +10,11 @@ An A/B alternates two trees in one call, e.g. against the last commit's attentio
   for r in 1 2; do cp /tmp/old.py kubrick/engine/kernels/attention.py; python3 scripts/bench_decode.py --label old
                    cp /tmp/new.py kubrick/engine/kernels/attention.py; python3 scripts/bench_decode.py --label new; done
 
+--timeline prints, instead, where the batch-1 graph step's time goes kernel by kernel (torch.profiler over 6
+replays at contexts 128 and 4096): under programmatic dependent launch a kernel starts while the one before
+still runs, so durations overlap; a kernel's *increment*, its end minus the latest end before it, is what it adds
+to the step, and the increments sum to the step.
+
 --skip rope,norm,combine leaves those kernels out of the step (RoPE + KV write, the attention's RMSNorm, the
 attention's split combine): the numbers are wrong, the time is what the step would take if fusing them away
 cost nothing, the upper bound of such a fusion.
@@ -82,10 +87,62 @@ def batch_one(model, config, context: int, steps: int = 64) -> float:
     return best
 
 
+def kernel_increments(events: list[tuple[str, float, float]]) -> tuple[dict[str, float], dict[str, float], float]:
+    """Kernel events (name, start, duration) of a stretch of steps -> (increment by name, duration by name, idle):
+    a kernel's increment is its end minus the latest end of the kernels before it (0 if it ends inside them);
+    idle is the time no kernel ran. The increments of all kernels but the first add up to the stretch."""
+    increments: dict[str, float] = {}
+    durations: dict[str, float] = {}
+    latest_end, idle = None, 0.0
+    for name, start, duration in sorted(events, key=lambda e: e[1]):
+        end = start + duration
+        if latest_end is not None:
+            increments[name] = increments.get(name, 0.0) + max(end - latest_end, 0.0)
+            idle += max(start - latest_end, 0.0)
+        durations[name] = durations.get(name, 0.0) + duration
+        latest_end = end if latest_end is None else max(latest_end, end)
+    return increments, durations, idle
+
+
+def timeline(model, config, context: int, steps: int = 6) -> None:
+    """Print the batch-1 graph step's kernels by increment (see the module docstring); the first step is dropped."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(context + 4 * steps + 8)
+    prompt = torch.randint(0, config.vocab_size, (context,), device="cuda")
+    for chunk in torch.split(prompt, 2048):
+        logits = model(chunk, cache)
+    token = logits[-1].argmax().view(1)
+    decoder = fast_model.CudaGraphDecoder(model, cache)
+    for _ in range(3):
+        token = decoder.step(token)[-1].argmax().view(1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = decoder.step(token)[-1].argmax().view(1)
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        kernels = [e for e in json.load(open(trace.name))["traceEvents"] if e.get("cat") == "kernel"]
+    kernels.sort(key=lambda e: e["ts"])
+    kept = kernels[len(kernels) // steps:]  # the first step's kernels, whose start follows the profiler's
+    increments, durations, idle = kernel_increments([(e["name"][:70], e["ts"], e["dur"]) for e in kept])
+    n = steps - 1
+    print(f"batch 1, context {context}: {sum(increments.values()) / n:.1f} us a step, of which no kernel running "
+          f"{idle / n:.1f} us (increment / duration per step, by kernel)", flush=True)
+    for name, us in sorted(increments.items(), key=lambda kv: -kv[1]):
+        print(f"  {us / n:8.1f} us  {durations[name] / n:8.1f} us  {name}", flush=True)
+    del decoder, cache
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", default="", help="printed first on the line")
     parser.add_argument("--skip", default="", help=f"comma-separated kernels to leave out: {', '.join(SKIPPABLE)}")
+    parser.add_argument("--timeline", action="store_true", help="where the batch-1 step's time goes, kernel by kernel")
     args = parser.parse_args()
     skip = {name for name in args.skip.split(",") if name}
     if skip - set(SKIPPABLE):
@@ -97,6 +154,10 @@ def main() -> int:
     skip_kernels(skip)
     config, weights = bench_kernels.random_20b_weights()
     model = fast_model.FastTransformer(config, weights)
+    if args.timeline:
+        for context in (128, 4096):
+            timeline(model, config, context)
+        return 0
     figures = [f"b1 ctx128 {batch_one(model, config, 128):.1f}", f"b1 ctx4096 {batch_one(model, config, 4096):.1f}"]
     figures += [f"b{row['batch']} {row['tok_s']:.0f}"
                 for row in bench_engine.decode_batched(model, config, [8, 64], 1024, 32)]

@@ -155,3 +155,14 @@ def test_the_engine_profile_names_every_moe_kernel_it_runs():
     engine = _load("bench_engine")
     for name in ("_mlp1_wgmma_kernel", "_mlp2_wgmma_kernel", "_mlp1_swiglu_grouped_kernel", "_group_by_expert_kernel"):
         assert "MoE" in engine.kernel_label(name), name
+
+
+def test_the_decode_timeline_charges_each_kernel_what_it_adds_to_the_step():
+    # Under PDL kernels overlap: b starts inside a and ends 3 us after it; c lies wholly inside b (adds nothing);
+    # d starts 1 us after everything before it ended (1 us idle) and runs 2 us.
+    kernel_increments = _load("bench_decode").kernel_increments
+    events = [("a", 0.0, 5.0), ("b", 4.0, 4.0), ("c", 5.0, 1.0), ("d", 9.0, 2.0)]
+    increments, durations, idle = kernel_increments(events)
+    assert increments == {"b": 3.0, "c": 0.0, "d": 3.0} and idle == 1.0
+    assert durations == {"a": 5.0, "b": 4.0, "c": 1.0, "d": 2.0}
+    assert sum(increments.values()) == 11.0 - 5.0  # the stretch after the first kernel's end
