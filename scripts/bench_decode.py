@@ -64,8 +64,9 @@ def skip_kernels(names: set[str]) -> None:
         attention._decode_combine_kernel = NoLaunch()
 
 
-def batch_one(model, config, context: int, steps: int = 64) -> float:
-    cache = model.new_cache(context + 4 * steps)
+def graph_decoder(model, config, context: int, capacity: int):
+    """(CudaGraphDecoder, its cache, the next token) after a random `context`-token prompt and 3 warm-up steps."""
+    cache = model.new_cache(capacity)
     prompt = torch.randint(0, config.vocab_size, (context,), device="cuda")
     for chunk in torch.split(prompt, 2048):
         logits = model(chunk, cache)
@@ -73,6 +74,11 @@ def batch_one(model, config, context: int, steps: int = 64) -> float:
     decoder = fast_model.CudaGraphDecoder(model, cache)
     for _ in range(3):
         token = decoder.step(token)[-1].argmax().view(1)
+    return decoder, cache, token
+
+
+def batch_one(model, config, context: int, steps: int = 64) -> float:
+    decoder, cache, token = graph_decoder(model, config, context, context + 4 * steps)
     best = 0.0
     for _ in range(2):
         cache.truncate(context + 3)
@@ -111,14 +117,7 @@ def timeline(model, config, context: int, steps: int = 6) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    cache = model.new_cache(context + 4 * steps + 8)
-    prompt = torch.randint(0, config.vocab_size, (context,), device="cuda")
-    for chunk in torch.split(prompt, 2048):
-        logits = model(chunk, cache)
-    token = logits[-1].argmax().view(1)
-    decoder = fast_model.CudaGraphDecoder(model, cache)
-    for _ in range(3):
-        token = decoder.step(token)[-1].argmax().view(1)
+    decoder, cache, token = graph_decoder(model, config, context, context + 4 * steps + 8)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
