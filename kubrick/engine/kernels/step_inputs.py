@@ -2,8 +2,8 @@
 
 The model's first work each step used to be ~9 small torch kernels (an index for the embeddings, float, multiply,
 cos, sin and two scalings for the angles, an add and a cast for kv_lens). At batch 1 each costs a launch and, not
-being a PDL kernel, cuts the chain of programmatic launches; together ~30 µs a token on the H100 (BENCHMARKS.md
-run 38). One program per token does all of it here.
+being a PDL kernel, cuts the chain of programmatic launches. One program per token does all of it here: the
+batch-1 step on the H100 ran ~18 µs (1.1 %) faster (BENCHMARKS.md run 38).
 
 The angles are the reference's (RotaryEmbedding.cos_sin): float32 position times inv_freq, then cos and sin times
 the YaRN concentration. tl.cos / tl.sin compile to libdevice's full-precision cosf / sinf on sm90 (the same PTX as
@@ -36,9 +36,9 @@ def _step_inputs_kernel(tokens_ptr, positions_ptr, embedding_ptr, x_ptr, inv_fre
     angle = position.to(tl.float32) * tl.load(inv_freq_ptr + d)
     tl.store(cos_ptr + t * HALF + d, tl.cos(angle) * concentration)
     tl.store(sin_ptr + t * HALF + d, tl.sin(angle) * concentration)
-    if KV_LENS == 1:
+    if KV_LENS == 1:  # KV_LENS_EACH
         tl.store(kv_lens_ptr + t, (position + 1).to(tl.int32))
-    if KV_LENS == 2:
+    if KV_LENS == 2:  # KV_LENS_LAST
         if t == n_tokens - 1:
             tl.store(kv_lens_ptr, (position + 1).to(tl.int32))
 
