@@ -125,9 +125,10 @@ def timeline(model, config, context: int, steps: int = 6) -> None:
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        kernels = [e for e in json.load(open(trace.name))["traceEvents"] if e.get("cat") == "kernel"]
+        with open(trace.name) as f:
+            kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
     kernels.sort(key=lambda e: e["ts"])
-    kept = kernels[len(kernels) // steps:]  # the first step's kernels, whose start follows the profiler's
+    kept = kernels[len(kernels) // steps:]  # without the first step (its start follows the profiler's)
     increments, durations, idle = kernel_increments([(e["name"][:70], e["ts"], e["dur"]) for e in kept])
     n = steps - 1
     print(f"batch 1, context {context}: {sum(increments.values()) / n:.1f} us a step, of which no kernel running "
