@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from kubrick.engine.kernels._common import block_config, num_sms, pdl, pdl_start, switched_off
+from kubrick.engine.kernels.moe_grouped import mlp2_sum
 
 X_SCALE: tl.constexpr = tl.constexpr(2.0**64)  # the activations' factor in GEMV layout (see the docstring)
 
@@ -418,12 +419,8 @@ def moe_gemv(
     # Every (slot, split) program adds into a float32 sum, which starts as the residual if there is one (then
     # the MoE output is not rounded to x's dtype before the residual is added: a difference within bf16).
     stream = out is not None
-    if stream:
-        assert residual is None and out.dtype == torch.float32 and out.is_contiguous() and out.shape == x.shape
-    elif residual is not None:
-        out = residual.to(torch.float32, copy=True)
-    else:
-        out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    assert not stream or out.is_contiguous()  # (rows are addressed as token * hidden)
+    out = mlp2_sum(x, residual, out)
     grid2 = (tokens * topk, triton.cdiv(hidden, cfg2["BLOCK_N"]), split_k)
     _mlp2_combine_gemv_kernel[grid2](
         h_gemv, expert_ids, expert_weights, w2, mlp2_scales, mlp2_bias, out,
