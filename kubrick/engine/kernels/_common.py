@@ -297,3 +297,16 @@ def mxfp4_to_bf16(packed, scale):
         is_pure=True,
         pack=4,
     )
+
+
+# The MoE kernels' (moe_gemv, moe_grouped, moe_wgmma) common start of their float32 sum over a token's experts.
+def mlp2_sum(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """The float32 [T, H] buffer mlp2 adds its experts' rows into: `out` itself (the float32 stream), else the
+    residual or zeros. Starting from the residual saves a launch and a rounding."""
+    tokens, hidden = x.shape
+    if out is not None:
+        assert residual is None and out.dtype == torch.float32 and out.shape == (tokens, hidden) and out.stride(-1) == 1
+        return out
+    if residual is None:
+        return torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+    return residual.to(torch.float32, copy=True)

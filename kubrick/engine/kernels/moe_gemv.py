@@ -45,8 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kubrick.engine.kernels._common import block_config, num_sms, pdl, pdl_start, switched_off
-from kubrick.engine.kernels.moe_grouped import mlp2_sum
+from kubrick.engine.kernels._common import block_config, mlp2_sum, num_sms, pdl, pdl_start, switched_off
 
 X_SCALE: tl.constexpr = tl.constexpr(2.0**64)  # the activations' factor in GEMV layout (see the docstring)
 

@@ -39,6 +39,7 @@ from kubrick.engine.kernels._common import (
     interpreting,
     mxfp4_scale_bf16,
     mxfp4_to_bf16,
+    mlp2_sum,
     pdl,
     pdl_start,
 )
@@ -382,18 +383,6 @@ def _paths(launch: dict) -> dict:
     scaled = launch["DOT_SCALED"]
     return launch | dict(FAST_FP4=launch["FAST_FP4"] and launch["DOT_DTYPE"] == tl.bfloat16 and not scaled,
                          W_FIRST=launch["W_FIRST"] and not scaled)
-
-
-def mlp2_sum(x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
-    """The float32 [T, H] buffer mlp2 adds its experts' rows into: `out` itself (the float32 stream), else the
-    residual or zeros. Starting from the residual saves a launch and a rounding."""
-    tokens, hidden = x.shape
-    if out is not None:
-        assert residual is None and out.dtype == torch.float32 and out.shape == (tokens, hidden) and out.stride(-1) == 1
-        return out
-    if residual is None:
-        return torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
-    return residual.to(torch.float32, copy=True)
 
 
 def _wgmma_config(x: torch.Tensor, pairs: int, inter: int, config: dict | None) -> dict | None:

@@ -41,7 +41,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 from triton.runtime.jit import constexpr_function
 
-from kubrick.engine.kernels._common import _MXFP4_PTX
+from kubrick.engine.kernels._common import _MXFP4_PTX, mlp2_sum
 
 X_SHIFT = gl.constexpr(2.0**63)  # the decoded weights are 2**-63 times too small (_common.mxfp4_to_bf16)
 
@@ -295,7 +295,7 @@ def moe_wgmma(x, expert_ids, expert_weights, mlp1_blocks, mlp1_scales, mlp1_bias
               residual=None, out=None):
     """moe_grouped's contract (bf16 x [T, H] on an sm90 GPU) on these kernels. config: BLOCK_M, BLOCK_N, BLOCK_K,
     STAGES, SUB, num_warps (moe_grouped passes the block table's moe_wgmma entry), PROBE (timing only)."""
-    from kubrick.engine.kernels.moe_grouped import group_by_expert, mlp2_sum
+    from kubrick.engine.kernels.moe_grouped import group_by_expert
 
     cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4) | (config or {})
     tokens, hidden = x.shape
