@@ -403,16 +403,12 @@ def sweep_grouping(layers: int, token_counts: tuple[int, ...] = (64, 256, 300, 5
     """group_by_expert as moe_grouped runs it (one program up to SPLIT_PAIRS pairs, a program per chunk above)
     against one program at every size: where the split pays."""
     rows = []
-    split = grouped_module.SPLIT_PAIRS
     for tokens in token_counts:
         routes = [routing(tokens, seed)[0] for seed in range(layers)]
-        for name, limit in (("as run", split), ("one program", 1 << 30)):
-            grouped_module.SPLIT_PAIRS = limit
-            try:
-                calls = [lambda ids=ids: group_by_expert(ids, EXPERTS, 16) for ids in routes]
-                us = time_per_call(calls) * 1e6
-            finally:
-                grouped_module.SPLIT_PAIRS = split
+        for name, limit in (("as run", grouped_module.SPLIT_PAIRS), ("one program", 1 << 30)):
+            calls = [lambda ids=ids, limit=limit: group_by_expert(ids, EXPERTS, 16, split_pairs=limit)
+                     for ids in routes]
+            us = time_per_call(calls) * 1e6
             rows.append(dict(kernel="group_by_expert", tokens=tokens, config=name, us=us))
             print(f"grouping T={tokens} ({tokens * TOPK} pairs) {name}: {us:.1f} us", flush=True)
     return rows

@@ -192,6 +192,15 @@ def test_group_by_expert_is_the_stable_sort_of_the_reference(device, tokens, top
     assert all(torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, expected))
 
 
+def test_group_by_expert_in_chunks_or_one_program_agree(device):
+    # The same 800 pairs through the chunked path (counts a chunk, then places) and through one program.
+    ids = torch.randint(0, 5, (200, 4), generator=torch.Generator().manual_seed(3), dtype=torch.int32).to(device)
+    expected = reference.group_by_expert(ids, 5, 16)
+    for split_pairs in (128, 1 << 30):
+        got = group_by_expert(ids, 5, 16, split_pairs=split_pairs)
+        assert all(torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, expected)), split_pairs
+
+
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_moe_grouped_matches_reference(device, dtype, bound):
     x, ids, weights, w = random_moe(tokens=20, hidden=64, inter=96, experts=4, topk=2, dtype=dtype, device=device)

@@ -135,11 +135,12 @@ def _place_chunk_kernel(ids_ptr, counts_ptr, pair_ids_ptr, tile_expert_ptr, PAIR
             tl.store(tile_expert_ptr + t, tl.where(owner < N_EXPERTS, owner, -1), mask=t < TILES)
 
 
-def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int,
+                    split_pairs: int = SPLIT_PAIRS) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_ids [T, k] -> (pair ids int32 [tiles*block_m], -1 = padding; tile expert int32 [tiles], -1 = none).
 
     Pairs are numbered token * k + slot; each expert's pairs appear in that order (reference.group_by_expert).
-    Up to SPLIT_PAIRS pairs one program does it all; above, a program per chunk counts, then one per chunk places.
+    Up to split_pairs pairs one program does it all; above, a program per chunk counts, then one per chunk places.
     """
     flat = expert_ids.reshape(-1).to(torch.int32).contiguous()
     pairs = flat.numel()
@@ -148,7 +149,7 @@ def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int) -> t
     tile_expert = torch.empty(tiles, dtype=torch.int32, device=flat.device)
     width = triton.next_power_of_2(n_experts)
     chunk = max(16, 4096 // width)
-    if pairs <= SPLIT_PAIRS:
+    if pairs <= split_pairs:
         _group_by_expert_kernel[(1,)](
             flat, pair_ids, tile_expert, pairs, tiles, N_EXPERTS=n_experts, BLOCK_M=block_m, E=width,
             CHUNK=chunk, **pdl(flat.device), num_warps=4,
