@@ -24,6 +24,7 @@ fi
 [ -f .gpu/vocab/o200k_base.tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.gpu/vocab
 export KUBRICK_TEST_CHECKPOINT_20B=$CKPT
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+echo "source $(scripts/source_fingerprint) (scripts/source_fingerprint: the code that ran, by content)" | tee -a "$OUT/gpu.txt"
 step() { echo "=== $1 ($(date -u +%T))" | tee -a "$OUT/log.txt"; shift; "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 step "kernel engine, 20b shape (bench_engine --impl triton)" timeout 240 python3 scripts/bench_engine.py --preset 20b \
     --device cuda --impl triton --checkpoint "$CKPT" --decode-tokens 64 --json "$OUT/bench_engine_triton.json"

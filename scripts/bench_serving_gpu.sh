@@ -74,10 +74,8 @@ fi
 [ -f .gpus/vocab/o200k_base.tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.gpus/vocab
 "$PYTHON" -c 'import sys, torch, numpy, kubrick; print("python", sys.version.split()[0], "torch", torch.__version__,
     "numpy", numpy.__version__, "kubrick from", kubrick.__file__)' 2>&1 | tee -a "$LOG"
-# A copied tree can carry an older .git than its files (the GPU machine's copy does): say when they differ.
-changed=$(git status --porcelain --untracked-files=no 2>/dev/null | grep -c . || true)
-[ "${changed:-0}" -gt 0 ] && changed=" with $changed files changed since" || changed=""
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$changed; KUBRICK_MAX_BATCH=$KUBRICK_MAX_BATCH" \
+# The code that ran, by content: a copied tree's .git can be older than its files (the GPU machine's copy is).
+echo "source $(scripts/source_fingerprint) (scripts/source_fingerprint); KUBRICK_MAX_BATCH=$KUBRICK_MAX_BATCH" \
     "KUBRICK_STEP_TOKENS=$KUBRICK_STEP_TOKENS KUBRICK_KV_CACHE_MEMORY=${KUBRICK_KV_CACHE_MEMORY:-default}" \
     "CONCURRENCY=$CONCURRENCY DEVICE=$DEVICE TEMPERATURE=$TEMPERATURE" | tee -a "$LOG"
 

@@ -1,5 +1,5 @@
-"""The serving benchmark scripts' own logic: the fixed workload mix, the concurrency list, the figures of a level,
-and their answers to bad flags (CPU only, no server)."""
+"""The benchmark scripts' own logic: the serving mix, the concurrency list, the figures of a level, their answers
+to bad flags, and the source fingerprint the GPU scripts print (CPU only, no server)."""
 
 from __future__ import annotations
 
@@ -166,3 +166,27 @@ def test_the_decode_timeline_charges_each_kernel_what_it_adds_to_the_step():
     assert increments == {"b": 3.0, "c": 0.0, "d": 3.0} and idle == 1.0
     assert durations == {"a": 5.0, "b": 4.0, "c": 1.0, "d": 2.0}
     assert sum(increments.values()) == 11.0 - 5.0  # the stretch after the first kernel's end
+
+
+def test_source_fingerprint_follows_the_code_and_ignores_python_caches(tmp_path):
+    # A copy of the script in a small tree of its own (it hashes the tree it sits in).
+    for folder in ("kubrick", "scripts", "triton"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "scripts" / "source_fingerprint").write_bytes((SCRIPTS / "source_fingerprint").read_bytes())
+    (tmp_path / "kubrick" / "engine.py").write_text("step = 1\n")
+    (tmp_path / "triton" / "config.pbtxt").write_text('name: "llm"\n')
+
+    def fingerprint() -> str:
+        out = subprocess.run(["bash", str(tmp_path / "scripts" / "source_fingerprint")], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert len(out) == 12 and all(c in "0123456789abcdef" for c in out)
+        return out
+
+    first = fingerprint()
+    (tmp_path / "kubrick" / "__pycache__").mkdir()
+    (tmp_path / "kubrick" / "__pycache__" / "engine.cpython-311.pyc").write_bytes(b"\x00cache")
+    assert fingerprint() == first  # caches are not the code
+    (tmp_path / "kubrick" / "engine.py").write_text("step = 2\n")
+    assert fingerprint() != first
+    (tmp_path / "kubrick" / "engine.py").write_text("step = 1\n")
+    assert fingerprint() == first
