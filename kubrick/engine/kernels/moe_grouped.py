@@ -169,26 +169,33 @@ def group_by_expert(expert_ids: torch.Tensor, n_experts: int, block_m: int,
 
 
 @triton.jit
+def _decode_bytes(packed, mult, DOT_DTYPE: tl.constexpr, FAST_FP4: tl.constexpr):
+    """Packed bytes (uint8) and each byte's multiplier (same shape: FAST_FP4 mxfp4_scale_bf16's bf16, else
+    e8m0_times_16384's float32) -> (low nibbles, high nibbles) dequantised; FAST_FP4: 2**-63 times too small."""
+    if FAST_FP4:
+        return mxfp4_to_bf16(packed, mult)
+    packed = packed.to(tl.int32)
+    return (e2m1_over_16384(packed & 15) * mult).to(DOT_DTYPE), (e2m1_over_16384(packed >> 4) * mult).to(DOT_DTYPE)
+
+
+@triton.jit
 def _dequant_tile(w_blocks, w_scales, rows, row_mask, b, K_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   FAST_FP4: tl.constexpr = False, b0=0):
     """Weights of `rows` at byte columns b, transposed for tl.dot: (low nibbles, high nibbles), each [len(b), len(rows)].
     FAST_FP4: bf16 from inline PTX, 2**-63 times the true weights (_common.mxfp4_to_bf16)."""
     mask = (b[:, None] < K_BYTES) & row_mask[None, :]
+    packed = tl.load(w_blocks + rows[None, :] * K_BYTES + b[:, None], mask=mask, other=0)
     if FAST_FP4:
         BYTES: tl.constexpr = b.shape[0]
         ROWS: tl.constexpr = rows.shape[0]
-        packed = tl.load(w_blocks + rows[None, :] * K_BYTES + b[:, None], mask=mask, other=0)
         groups = b0 // 16 + tl.arange(0, BYTES // 16)  # b = b0 + arange: whole 16-byte scale groups
         scale = tl.load(w_scales + rows[None, :] * (K_BYTES // 16) + groups[:, None],
                         mask=(groups[:, None] < K_BYTES // 16) & row_mask[None, :], other=0)
-        scale = tl.broadcast_to(mxfp4_scale_bf16(scale)[:, None, :], (BYTES // 16, 16, ROWS))
-        return mxfp4_to_bf16(packed, tl.reshape(scale, (BYTES, ROWS)))
-    packed = tl.load(w_blocks + rows[None, :] * K_BYTES + b[:, None], mask=mask, other=0).to(tl.int32)
-    scale = tl.load(w_scales + rows[None, :] * (K_BYTES // 16) + b[:, None] // 16, mask=mask, other=0).to(tl.int32)
-    scale = e8m0_times_16384(scale)
-    low = (e2m1_over_16384(packed & 15) * scale).to(DOT_DTYPE)
-    high = (e2m1_over_16384(packed >> 4) * scale).to(DOT_DTYPE)
-    return low, high
+        mult = tl.reshape(tl.broadcast_to(mxfp4_scale_bf16(scale)[:, None, :], (BYTES // 16, 16, ROWS)), (BYTES, ROWS))
+    else:
+        scale = tl.load(w_scales + rows[None, :] * (K_BYTES // 16) + b[:, None] // 16, mask=mask, other=0)
+        mult = e8m0_times_16384(scale.to(tl.int32))
+    return _decode_bytes(packed, mult, DOT_DTYPE, FAST_FP4)
 
 
 @triton.jit
@@ -248,15 +255,9 @@ def _w_rows(w_blocks, w_scales, rows, row_mask, b0, K_BYTES: tl.constexpr, BLOCK
     groups = b0 // 16 + tl.arange(0, BYTES // 16)  # whole 16-byte scale groups
     scale = tl.load(w_scales + rows[:, None] * (K_BYTES // 16) + groups[None, :],
                     mask=row_mask[:, None] & (groups[None, :] < K_BYTES // 16), other=0)
-    if FAST_FP4:
-        scale = tl.broadcast_to(mxfp4_scale_bf16(scale)[:, :, None], (ROWS, BYTES // 16, 16))
-        low, high = mxfp4_to_bf16(packed, tl.reshape(scale, (ROWS, BYTES)))
-    else:
-        scale = tl.broadcast_to(e8m0_times_16384(scale.to(tl.int32))[:, :, None], (ROWS, BYTES // 16, 16))
-        scale = tl.reshape(scale, (ROWS, BYTES))
-        packed = packed.to(tl.int32)
-        low = (e2m1_over_16384(packed & 15) * scale).to(DOT_DTYPE)
-        high = (e2m1_over_16384(packed >> 4) * scale).to(DOT_DTYPE)
+    mult = mxfp4_scale_bf16(scale) if FAST_FP4 else e8m0_times_16384(scale.to(tl.int32))  # a group's, then each byte's
+    mult = tl.reshape(tl.broadcast_to(mult[:, :, None], (ROWS, BYTES // 16, 16)), (ROWS, BYTES))
+    low, high = _decode_bytes(packed, mult, DOT_DTYPE, FAST_FP4)
     return tl.reshape(tl.join(low, high), (ROWS, BLOCK_K))  # byte j holds K positions 2j (low), 2j + 1 (high)
 
 
