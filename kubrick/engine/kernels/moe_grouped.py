@@ -37,9 +37,9 @@ from kubrick.engine.kernels._common import (
     e2m1_over_16384,
     e8m0_times_16384,
     interpreting,
+    mlp2_sum,
     mxfp4_scale_bf16,
     mxfp4_to_bf16,
-    mlp2_sum,
     pdl,
     pdl_start,
 )
