@@ -1,13 +1,23 @@
 """What llm_decoupled's response thread does with its outbox before sending: take everything waiting at once and
 merge each request's consecutive deltas of one kind, so that under load one response carries several tokens'
-text (every response is an IPC message from the Python backend to the server). Kept here, away from the
-Triton model, so it can be tested without a server."""
+text (every response is an IPC message from the Python backend to the server); and how often it asks whether a
+request's client left (another IPC round trip each). Kept here, away from the Triton model, so it can be tested
+without a server."""
 
 from __future__ import annotations
 
 import queue
 
 from kubrick.engine.api import ContentDelta, ReasoningDelta
+
+CANCEL_POLL_S = 0.05  # a request in flight is checked this often for a client that left ...
+CANCEL_POLLS_PER_S = 200  # ... but all of them together at most this often: the response thread's time is the
+# streams' latency, and at 64 streams checks every 50 ms would be 1,280 round trips a second beside the sends
+
+
+def cancel_poll_interval(requests: int) -> float:
+    """Seconds between two checks of one request for a client that left, with `requests` in flight."""
+    return max(CANCEL_POLL_S, requests / CANCEL_POLLS_PER_S)
 
 
 def drain(outbox: queue.Queue, first) -> list:

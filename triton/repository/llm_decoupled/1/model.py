@@ -29,10 +29,8 @@ from kubrick.engine.api import (
     parse_params,
 )
 from kubrick.engine.scheduler import RequestHandle, Scheduler
-from kubrick.server.outbox import coalesced, drain
+from kubrick.server.outbox import CANCEL_POLL_S, cancel_poll_interval, coalesced, drain
 
-
-CANCEL_POLL_S = 0.05  # how often each request is checked for a client that left (an IPC round trip each)
 GAUGES_EVERY_S = 0.05  # how often the running/waiting/KV-cache gauges are refreshed (IPC, and a walk over the batch)
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
@@ -269,7 +267,7 @@ class TritonPythonModel:
 
     def _check_cancelled(self, pending: Pending) -> None:
         now = time.monotonic()
-        if pending.client_left or now - pending.checked_at < CANCEL_POLL_S:
+        if pending.client_left or now - pending.checked_at < cancel_poll_interval(len(self.pending)):
             return
         pending.checked_at = now
         if pending.sender.is_cancelled():
