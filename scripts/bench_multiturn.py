@@ -101,7 +101,8 @@ def main() -> int:
         if log_copy is not None:  # one log per server: NAME-reuse-on.log, NAME-reuse-off.log
             log_copy = log_copy.with_name(f"{log_copy.stem}-{label.replace(' ', '-')}{log_copy.suffix or '.log'}")
         try:
-            target = target or describe_server(server, args.checkpoint, args.device, args.context_length)
+            target = target or describe_server(server, args.checkpoint, args.device, args.context_length,
+                                               args.server_cpus)
             results[label] = conversation(server.url, args.turns, args.max_tokens)
         except httpx.HTTPError as err:
             print(f"bench_multiturn: a request failed ({label}): {type(err).__name__}: {err}", file=sys.stderr)

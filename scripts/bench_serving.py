@@ -231,17 +231,45 @@ def add_server_options(parser: argparse.ArgumentParser, context_length: int | No
                         "(default cpu)")
     parser.add_argument("--context-length", type=int, default=context_length, help="for that server")
     parser.add_argument("--server-log", type=Path, help="copy that server's tritonserver log here when it stops")
+    parser.add_argument("--server-cpus", help="run that server (not the clients) on these CPUs only, like 0,1 or "
+                        "0-3: a slow or busy host on purpose (its Python threads set the streams' latency)")
+
+
+def parse_cpus(text: str) -> set[int]:
+    """'0,1' or '0-3,8' -> {0, 1} / {0, 1, 2, 3, 8}; ValueError with an example otherwise."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        cpus = set()
+    if not cpus or min(cpus) < 0:
+        raise ValueError(f"--server-cpus takes CPU numbers like 0,1 or 0-3, not {text!r}")
+    return cpus
 
 
 def check_server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a folder; write one with "
                      "`python -m kubrick.cli make-checkpoint DIR --preset 20b`")
+    if args.server_cpus is not None:
+        try:
+            args.server_cpus = parse_cpus(args.server_cpus)
+        except ValueError as err:
+            parser.error(str(err))
+        here = os.sched_getaffinity(0)
+        if not args.server_cpus <= here:
+            missing = ",".join(map(str, sorted(args.server_cpus - here)))
+            parser.error(f"--server-cpus {missing}: not among the CPUs this process may use ({min(here)}-{max(here)})")
 
 
-def start_own_server(context_length: int | None, checkpoint: Path | None = None, device: str = "cpu"):
+def start_own_server(context_length: int | None, checkpoint: Path | None = None, device: str = "cpu",
+                     cpus: set[int] | None = None):
     """A ready server on free loopback ports (what `kubrick serve` would start); the embedded default model
-    unless a checkpoint is given. KUBRICK_* settings in this environment reach the engine."""
+    unless a checkpoint is given. KUBRICK_* settings in this environment reach the engine. cpus: the CPUs the
+    server's processes may run on (they inherit this process's affinity, set for the start only); this process
+    and its clients keep to the others."""
     from kubrick.server.process import start_local_server
     from kubrick.server.serve import shipped_model_repository
 
@@ -249,8 +277,14 @@ def start_own_server(context_length: int | None, checkpoint: Path | None = None,
         from kubrick.server.default_model import ensure_embedded_default
 
         checkpoint, _ = ensure_embedded_default()
-    return start_local_server(Path(checkpoint), shipped_model_repository(), device=device,
-                              context_length=context_length)
+    mine = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        return start_local_server(Path(checkpoint), shipped_model_repository(), device=device,
+                                  context_length=context_length)
+    finally:  # the clients then run on the other CPUs (on all, if the server has every one)
+        os.sched_setaffinity(0, (mine - cpus) or mine if cpus else mine)
 
 
 def start_from_args(args: argparse.Namespace, script: str, note: str = ""):
@@ -259,7 +293,7 @@ def start_from_args(args: argparse.Namespace, script: str, note: str = ""):
 
     print(f"starting a server on {args.device}{note} ...", file=sys.stderr, flush=True)
     try:
-        return start_own_server(args.context_length, args.checkpoint, args.device)
+        return start_own_server(args.context_length, args.checkpoint, args.device, args.server_cpus)
     except KubrickError as err:
         print(f"{script}: the server did not start: {err}", file=sys.stderr)
         return None
@@ -276,13 +310,16 @@ def stop_server(server, log_copy: Path | None) -> None:
     server.stop()
 
 
-def describe_server(server, checkpoint: Path | None, device: str, context_length: int | None) -> str:
+def describe_server(server, checkpoint: Path | None, device: str, context_length: int | None,
+                    cpus: set[int] | None = None) -> str:
     """Which model on which device, with the engine's own start line (engine, context, KV cache) if logged."""
     model = f"checkpoint {checkpoint}" if checkpoint else "embedded default model"
     where = device_name(device)
     summary = server.model_summary() if hasattr(server, "model_summary") else None
     settings = ", ".join(f"{k}={os.environ[k]}" for k in SETTINGS if os.environ.get(k)) or "engine defaults"
     text = f"own server, {model} on {where}, context {context_length or 'default'}; settings: {settings}"
+    if cpus:
+        text += f"; the server on CPUs {','.join(map(str, sorted(cpus)))} only"
     return text + (f"  \nServer: {summary}" if summary else "")
 
 
@@ -365,8 +402,9 @@ def main() -> int:
         parser.error(str(err))
     if args.requests < 1 or args.max_tokens < 1 or args.processes < 1:
         parser.error("--requests, --max-tokens and --processes must be at least 1")
-    if args.url and (args.checkpoint or args.server_log):
-        parser.error("--checkpoint and --server-log are for the server this script starts; leave out --url")
+    if args.url and (args.checkpoint or args.server_log or args.server_cpus):
+        parser.error("--checkpoint, --server-log and --server-cpus are for the server this script starts; leave out "
+                     "--url")
     check_server_options(parser, args)
     stop_on_sigterm()
 
@@ -377,7 +415,7 @@ def main() -> int:
             if server is None:
                 return 1
             url = server.url
-            target = describe_server(server, args.checkpoint, args.device, args.context_length)
+            target = describe_server(server, args.checkpoint, args.device, args.context_length, args.server_cpus)
         else:
             target = url
         mix = MIX.format(cap=args.max_tokens, requests=args.requests)

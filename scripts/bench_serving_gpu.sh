@@ -21,6 +21,7 @@
 # KUBRICK_STEP_TOKENS (default here 512, the engine default: it bounds the inter-token gap), KUBRICK_KV_CACHE_MEMORY (engine default unless set), CONCURRENCY
 # (default 1,8,32,64,128), REQUESTS (per client, default 2), MAX_TOKENS (caps the mix's 128/256/512, default 512),
 # TURNS (default 6), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET (seconds, default 530),
+# SERVER_CPUS (e.g. 0,1: the servers run on those CPUs only, a slow host on purpose; bench_serving.py --server-cpus),
 # TEMPERATURE (default 0, greedy; 1 is kubrick's default, drawn on the GPU by kernels/sampling.py).
 # For a dry run on a CPU machine (an existing tiny checkpoint: a CKPT that does not exist gets a 14 GB 20b one):
 # KUBRICK_MAX_BATCH=8 KUBRICK_STEP_TOKENS=64 PYTHON=.venv/bin/python INSTALL=0 DEVICE=cpu CKPT=<a tiny checkpoint>
@@ -88,13 +89,15 @@ fi
 # The multi-turn run needs two server starts and 12 short requests: keep 180 s for it.
 serving=$(($(left) - 180))
 [ "$serving" -gt 300 ] && serving=300
+pin=()
+[ -n "${SERVER_CPUS:-}" ] && pin=(--server-cpus "$SERVER_CPUS")
 step "serving, concurrency $CONCURRENCY" "$serving" "$PYTHON" scripts/bench_serving.py --checkpoint "$CKPT" \
     --device "$DEVICE" --context-length 4096 --concurrency "$CONCURRENCY" --requests "$REQUESTS" \
-    --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" \
+    --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" "${pin[@]}" \
     --record "$OUT/serving.md" --json "$OUT/serving.json" --server-log "$OUT/server-serving.log"
 
 step "multi-turn, prefix reuse on then off" "$(($(left) - 10))" "$PYTHON" scripts/bench_multiturn.py \
-    --checkpoint "$CKPT" --device "$DEVICE" --context-length 4096 --turns "$TURNS" \
+    --checkpoint "$CKPT" --device "$DEVICE" --context-length 4096 --turns "$TURNS" "${pin[@]}" \
     --record "$OUT/serving.md" --server-log "$OUT/server-multiturn.log"
 
 echo "=== done ($(date -u +%T), ${SECONDS}s)" | tee -a "$LOG"

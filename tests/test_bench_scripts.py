@@ -62,6 +62,14 @@ def test_concurrency_list_is_parsed_and_bad_lists_are_refused_with_an_example():
             bench.parse_levels(bad)
 
 
+def test_server_cpus_are_parsed_as_lists_and_ranges():
+    assert bench.parse_cpus("0,1") == {0, 1}
+    assert bench.parse_cpus("0-3, 8") == {0, 1, 2, 3, 8}
+    for bad in ("", "a", "1,,2", "-1", "3-x"):
+        with pytest.raises(ValueError, match="like 0,1 or 0-3"):
+            bench.parse_cpus(bad)
+
+
 def test_a_level_counts_errors_and_measures_tokens_over_its_whole_wall_time():
     ok = bench.Result(sent=10.0, done=12.0, ttft=0.5, gaps=[0.01, 0.02], prompt_tokens=100, completion_tokens=100,
                       engine_ttft=0.05)
@@ -97,6 +105,8 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
         (["--concurrency", "1,8", "--clients", "4"], "not both"),
         (["--checkpoint", "/nonexistent/ck20"], "is not a folder"),
         (["--url", "http://127.0.0.1:9", "--checkpoint", "/tmp"], "leave out --url"),
+        (["--server-cpus", "0,x"], "--server-cpus takes CPU numbers like 0,1"),
+        (["--server-cpus", "100000"], "not among the CPUs this process may use"),
     ],
 )
 def test_bench_serving_refuses_bad_flags_in_one_line(args, says):
