@@ -33,8 +33,9 @@ def kubrick_command() -> list[str]:
 
 class KubrickInTmux:
     def __init__(self, url: str, home: Path, args: tuple[str, ...] = (), width: int = 100, height: int = 40,
-                 env: dict[str, str] | None = None):
-        self.url, self.home, self.args = url, Path(home), args
+                 env: dict[str, str] | None = None, command: list[str] | None = None):
+        """command: run this instead of `kubrick --triton-url URL ARGS` (e.g. scripts/demo)."""
+        self.url, self.home, self.args, self.command = url, Path(home), args, command
         self.width, self.height = width, height
         self.env = env or {}
         self.name = f"kubrick-test-{uuid.uuid4().hex[:8]}"
@@ -49,7 +50,8 @@ class KubrickInTmux:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {"KUBRICK_HOME": str(self.home), "TERM": "xterm-256color", **self.env}
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        command = " ".join(shlex.quote(part) for part in [*kubrick_command(), "--triton-url", self.url, *self.args])
+        parts = self.command or [*kubrick_command(), "--triton-url", self.url, *self.args]
+        command = " ".join(shlex.quote(part) for part in parts)
         # after kubrick exits, print its exit status and keep the pane open so the test can read it
         shell = f"env {exports} {command}; echo KUBRICK-EXITED-$?; sleep 600"
         self._tmux("-f", "/dev/null", "new-session", "-d", "-s", self.name, "-x", str(self.width),
