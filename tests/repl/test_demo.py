@@ -6,6 +6,8 @@ opens the chat, all in one terminal: Ctrl-C there must stop the reply, not the s
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -36,8 +38,26 @@ def three_free_ports() -> int:
     raise RuntimeError("no three free ports in a row")
 
 
+def stop_servers_on(port: int) -> None:
+    """SIGTERM any `kubrick serve` still holding this HTTP port (the demo's own exit trap should have stopped it)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in args and b"--http-port" in args and str(port).encode() in args:
+            os.kill(int(pid), signal.SIGTERM)
+
+
 def test_ctrl_c_in_the_demo_stops_the_reply_and_keeps_the_server(tmp_path):
     port = three_free_ports()
+    try:
+        run_the_demo(port, tmp_path)
+    finally:
+        stop_servers_on(port)  # even when the test failed half-way
+
+
+def run_the_demo(port: int, tmp_path: Path) -> None:
     with KubrickInTmux("", tmp_path / "home", width=120, command=[str(DEMO), "--max-tokens", "3000"],
                        env={"KUBRICK_DEMO_PORT": str(port)}) as k:
         k.wait_for("Ctrl-D to exit", timeout=900)  # setup, then the server's start (a first one makes the model)
