@@ -60,7 +60,7 @@ def test_ctrl_c_in_the_demo_stops_the_reply_and_keeps_the_server(tmp_path):
 def run_the_demo(port: int, tmp_path: Path) -> None:
     with KubrickInTmux("", tmp_path / "home", width=120, command=[str(DEMO), "--max-tokens", "3000"],
                        env={"KUBRICK_DEMO_PORT": str(port)}) as k:
-        k.wait_for("Ctrl-D to exit", timeout=900)  # setup, then the server's start (a first one makes the model)
+        k.wait_for("Ctrl-D to exit", timeout=500)  # setup, then the server's start (a first one makes the model)
         for ask in ("Tell me a long story.", "And another one."):
             k.type(ask)
             k.keys("Enter")
