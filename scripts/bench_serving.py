@@ -283,8 +283,9 @@ def start_own_server(context_length: int | None, checkpoint: Path | None = None,
     try:
         return start_local_server(Path(checkpoint), shipped_model_repository(), device=device,
                                   context_length=context_length)
-    finally:  # the clients then run on the other CPUs (on all, if the server has every one)
-        os.sched_setaffinity(0, (mine - cpus) or mine if cpus else mine)
+    finally:
+        others = mine - cpus if cpus else mine
+        os.sched_setaffinity(0, others or mine)  # the clients: the other CPUs (all, if the server has every one)
 
 
 def start_from_args(args: argparse.Namespace, script: str, note: str = ""):

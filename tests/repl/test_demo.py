@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -24,8 +25,6 @@ DEMO = Path(__file__).resolve().parents[2] / "scripts" / "demo"
 
 def three_free_ports() -> int:
     """A port p with p + 1 and p + 2 free too (the demo's HTTP, gRPC and metrics ports)."""
-    import socket
-
     for _ in range(50):
         port = free_port()
         try:
