@@ -5,8 +5,10 @@ For each concurrency level in turn (same server), C clients each send --requests
 Per level it reports output tokens/s (completion tokens of all replies / wall time from the first request sent
 to the last reply done), time to first token p50/p99 (request sent -> first reasoning or answer text),
 inter-token latency p50/p99 (gaps between streamed text events; the engine sends one event per decoded token
-that yields text) and the engine's own TTFT from each reply's usage (prefill -> first sampled token, without
-queueing or HTTP). Requests that fail are counted and reported; they never stop the run.
+that yields text), the engine's own TTFT from each reply's usage (prefill -> first sampled token, without
+queueing or HTTP) and the slowest client (its output tokens and the time from its first request to its last
+reply: the level's wall time, since a client's requests run one after another). Requests that fail are
+counted and reported; they never stop the run.
 
 The workload mix is fixed and deterministic. Request k of a level (numbered round by round: the first requests
 of all clients are 0..C-1, their second ones C..2C-1, ...):
@@ -95,6 +97,7 @@ class Result:
     engine_ttft: float | None = None  # the engine's own: request start -> first sampled token (no queue, no HTTP)
     engine_rate: float | None = None  # the engine's own decode tokens/s for this request
     error: str | None = None
+    client: int = -1  # which client of the level sent it (its requests run one after another)
 
 
 def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, temperature: float) -> Result:
@@ -162,6 +165,7 @@ def _clients(url: str, indices: list[int], clients: int, requests: int, cap: int
             for i in range(requests):
                 _, prompt, max_tokens = planned_request(i * clients + index, cap, level)
                 result = one_request(client, url, prompt, max_tokens, temperature)
+                result.client = index
                 with lock:
                     results.append(asdict(result))
 
@@ -197,6 +201,13 @@ def summarize(results: list[Result], clients: int, cap: int) -> dict:
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     gaps = [g for r in ok for g in r.gaps]
     tokens = sum(r.completion_tokens for r in ok)
+    # A client's requests run one after another, so the level lasts as long as its slowest client: with few
+    # requests a client the level's tok/s is that client's chain of tokens, not the engine's rate alone.
+    spans: dict[int, tuple[float, float, int]] = {}
+    for r in results:
+        first, last, n = spans.get(r.client, (r.sent, r.done, 0))
+        spans[r.client] = (min(first, r.sent), max(last, r.done), n + (0 if r.error else r.completion_tokens))
+    slowest = max(spans.values(), key=lambda s: s[1] - s[0], default=(0.0, 0.0, 0))
     return {
         "clients": clients,
         "requests": len(results),
@@ -215,6 +226,8 @@ def summarize(results: list[Result], clients: int, cap: int) -> dict:
         # What one stream sees once it is streaming: text events a second between its first and last event.
         "stream_tok_per_s_p50": percentile([len(r.gaps) / sum(r.gaps) for r in ok if len(r.gaps) > 1 and sum(r.gaps) > 0], 50),
         "engine_stream_tok_per_s_p50": percentile([r.engine_rate for r in ok if r.engine_rate], 50),
+        "slowest_client_s": slowest[1] - slowest[0],
+        "slowest_client_tokens": slowest[2],
     }
 
 
@@ -346,8 +359,9 @@ def stop_on_sigterm() -> None:
 
 HEADER = (
     "| clients | requests | errors | prompt tokens (mean) | output tokens | wall s | output tok/s | TTFT p50 ms "
-    "| TTFT p99 ms | engine TTFT p50 ms | ITL p50 ms | ITL p99 ms | one stream tok/s p50 | engine's own p50 |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    "| TTFT p99 ms | engine TTFT p50 ms | ITL p50 ms | ITL p99 ms | one stream tok/s p50 | engine's own p50 "
+    "| slowest client: tokens in s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
 
@@ -365,7 +379,8 @@ def row(f: dict) -> str:
         f"| {f['clients']} | {f['requests']} | {f['errors']} | {f['prompt_tokens_mean']:.0f} | "
         f"{f['completion_tokens']} | {f['wall_s']:.1f} | {f['output_tok_per_s']:.1f} | {f['ttft_p50_ms']:.1f} | "
         f"{f['ttft_p99_ms']:.1f} | {f['engine_ttft_p50_ms']:.1f} | {f['itl_p50_ms']:.1f} | {f['itl_p99_ms']:.1f} | "
-        f"{f['stream_tok_per_s_p50']:.1f} | {f['engine_stream_tok_per_s_p50']:.1f} |\n"
+        f"{f['stream_tok_per_s_p50']:.1f} | {f['engine_stream_tok_per_s_p50']:.1f} | "
+        f"{f['slowest_client_tokens']} in {f['slowest_client_s']:.1f} |\n"
     )
 
 

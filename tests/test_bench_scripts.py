@@ -72,10 +72,10 @@ def test_server_cpus_are_parsed_as_lists_and_ranges():
 
 def test_a_level_counts_errors_and_measures_tokens_over_its_whole_wall_time():
     ok = bench.Result(sent=10.0, done=12.0, ttft=0.5, gaps=[0.01, 0.02], prompt_tokens=100, completion_tokens=100,
-                      engine_ttft=0.05)
+                      engine_ttft=0.05, client=0)
     late = bench.Result(sent=11.0, done=14.0, ttft=1.5, gaps=[0.03], prompt_tokens=300, completion_tokens=300,
-                        engine_ttft=0.07)
-    failed = bench.Result(sent=10.5, done=10.6, error="HTTP 400: too long")
+                        engine_ttft=0.07, client=1)
+    failed = bench.Result(sent=12.5, done=12.6, error="HTTP 400: too long", client=0)
     f = bench.summarize([ok, late, failed], clients=2, cap=512)
     assert (f["clients"], f["requests"], f["errors"], f["first_error"]) == (2, 3, 1, "HTTP 400: too long")
     assert f["wall_s"] == pytest.approx(4.0)  # first sent (10.0) to last done (14.0)
@@ -84,6 +84,9 @@ def test_a_level_counts_errors_and_measures_tokens_over_its_whole_wall_time():
     assert f["ttft_p50_ms"] == pytest.approx(500.0) and f["ttft_p99_ms"] == pytest.approx(1500.0)
     assert f["itl_p99_ms"] == pytest.approx(30.0)
     assert "| 2 | 3 | 1 | 200 | 400 | 4.0 | 100.0 |" in bench.row(f)
+    # the level lasts as long as its slowest client: client 1's 300 tokens over 3 s (client 0: 2.6 s)
+    assert (f["slowest_client_tokens"], f["slowest_client_s"]) == (300, pytest.approx(3.0))
+    assert bench.row(f).endswith("| 300 in 3.0 |\n")
 
 
 def test_a_level_where_every_request_failed_still_gives_figures_and_strict_json():
