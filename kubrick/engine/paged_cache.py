@@ -265,10 +265,13 @@ class PagedKVCache:
 
     def rows(self, seq: SequenceBlocks, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Cache rows (pool block * block_size + offset) of positions start … end-1: (full pools, window pools)."""
-        index = np.arange(start, end)
-        blocks, offsets = index // self.block_size, index % self.block_size
-        full = self.table_full[seq.slot, blocks].astype(np.int64) * self.block_size + offsets
-        window = self.table_window[seq.slot, blocks].astype(np.int64) * self.block_size + offsets
+        return self.rows_at(np.full(end - start, seq.slot), np.arange(start, end))
+
+    def rows_at(self, slots: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The same for any rows at once: the sequence (table slot) and position of each -> (full, window) int64."""
+        blocks, offsets = positions // self.block_size, positions % self.block_size
+        full = self.table_full[slots, blocks].astype(np.int64) * self.block_size + offsets
+        window = self.table_window[slots, blocks].astype(np.int64) * self.block_size + offsets
         return full, window
 
     def _take_prefix(self, seq: SequenceBlocks) -> None:
@@ -317,12 +320,16 @@ class PagedKVCache:
         """Make room for `tokens` at positions seq.length …: allocate their blocks (already reserved)."""
         end = seq.length + len(tokens)
         first = seq.length // self.block_size  # the first block this step writes
-        while len(seq.full) < self.blocks_needed(end):
+        needed = self.blocks_needed(end)
+        allocated = len(seq.full) < needed
+        while len(seq.full) < needed:
             seq.full.append(self.full_pool.allocate())
-        for index in range(first, self.blocks_needed(end)):
+        for index in range(first, needed):
             if index not in seq.window:
                 seq.window[index] = self.window_pool.allocate()
-        self._set_table(seq, first)
+                allocated = True
+        if allocated:  # (blocks it held already are in the tables since they were handed out)
+            self._set_table(seq, first)
         if seq.length >= len(seq.tokens):
             seq.tokens.extend(tokens)
         if prefill and seq.prefilled == seq.length:

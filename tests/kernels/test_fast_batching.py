@@ -86,6 +86,44 @@ def test_block_tables_find_every_position_the_cache_wrote(tiny):
     assert seq.slot == -1 and slot in cache.free_slots
 
 
+def test_a_step_lists_each_row_where_its_sequence_keeps_it():
+    # Decodes around a prompt chunk (so the decode rows are not one slice), sequences at different lengths,
+    # one crossing into a new block this step: every row's position, token and cache rows as the tables say.
+    from kubrick.engine.fast_model import PagedStep
+    from kubrick.engine.paged_cache import PagedKVCache
+
+    cache = PagedKVCache([False, True], window=8, kv_heads=1, head_dim=4, num_blocks=64, window_blocks=32,
+                         block_size=BLOCK)
+    lengths = (7, 12, 0, 3)  # the third is a new prompt, read in one chunk of 6
+    seqs = []
+    for k, n in enumerate(lengths):  # prompts with nothing in common: no prefix reuse
+        seq = cache.admit(list(range(100 * k, 100 * k + max(n, 6))), 40, 8)
+        if n:
+            cache.prepare(seq, seq.tokens[:n], prefill=True)
+            cache.advance(seq, n)
+        seqs.append(seq)
+    segments = [(seqs[0], [1]), (seqs[1], [2]), (seqs[2], seqs[2].tokens[:6]), (seqs[3], [4])]
+    for seq, part in segments:
+        cache.prepare(seq, part, prefill=len(part) > 1)
+    step = PagedStep.build(segments, cache)
+    expected_rows = [cache.positions(seq, seq.length, seq.length + len(part), 0) for seq, part in segments]
+    expected_window = [cache.positions(seq, seq.length, seq.length + len(part), 1) for seq, part in segments]
+    assert step.tokens.tolist() == [1, 2, *range(200, 206), 4]
+    assert step.positions.tolist() == [7, 12, *range(6), 3]
+    assert step.rows_full.tolist() == [int(i) * BLOCK + int(o) for ids, offs in expected_rows for i, o in zip(ids, offs)]
+    assert step.rows_window.tolist() == [int(i) * BLOCK + int(o) for ids, offs in expected_window
+                                         for i, o in zip(ids, offs)]
+    assert step.kv_lens.tolist() == [8, 13, 6, 4] and step.kv_lens.dtype == torch.int32
+    assert step.last_rows.tolist() == [0, 1, 7, 8]
+    assert not step.decode_only and step.decode_count == 3
+    assert step.decode_segments.tolist() == [0, 1, 3] and step.decode_rows.tolist() == [0, 1, 8]
+    assert step.prefills == [(2, 2, 6, 0)]
+    assert step.table_full.shape == (4, cache.blocks_needed(13))
+    # decodes alone, first: one slice for the kernels
+    decode = PagedStep.build([(seqs[0], [1]), (seqs[1], [2])], cache)
+    assert decode.decode_only and decode.decode_rows == slice(0, 2) and decode.decode_segments == slice(0, 2)
+
+
 def two_layers_of_20b(tmp_path, seed: int):
     """A random checkpoint of gpt-oss-20b's layer shapes, 2 layers and a smaller vocabulary, on the GPU."""
     config = replace(ModelConfig(), num_hidden_layers=2, vocab_size=32768)
