@@ -124,6 +124,16 @@ def test_bench_multiturn_refuses_a_missing_checkpoint_in_one_line():
     assert "is not a folder" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_bench_host_step_times_each_part_of_a_decode_step_per_batch():
+    done = _run("bench_host_step.py", "--sequences", "1,3", "--length", "40", "--steps", "5")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" sequences")[0].strip() for line in lines] == ["1", "3"]
+    assert all("prepare" in line and "build" in line and "advance" in line for line in lines)
+    bad = _run("bench_host_step.py", "--sequences", "0")
+    assert bad.returncode != 0 and "at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_sass_per_code_compiles_the_moe_gemv_for_sm90_without_a_gpu_and_counts_its_loop():
     out = subprocess.run([sys.executable, str(SCRIPTS / "sass_per_code.py"), "gemv-mlp1"], capture_output=True,
                          text=True, timeout=300)
