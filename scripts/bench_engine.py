@@ -239,8 +239,9 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
     Also: one mixed step (the batch decoding while a new 448-token prompt chunk joins), graphed in pieces as the
     Engine runs it, and eager."""
     top, page, step_tokens = max(batches), 16, 512
+    prompt_step = max(step_tokens, context)  # each sequence's prompt is read in one step below
     per_seq = -(-(context + 4 * steps + 64) // page)
-    span = -(-(config.sliding_window + step_tokens) // page) + 1
+    span = -(-(config.sliding_window + prompt_step) // page) + 1
     cache = model.new_paged_cache(num_blocks=(top + 1) * per_seq + 64, window_blocks=(top + 1) * span + 16,
                                   block_size=page)
     cache.prefix_reuse = False  # the mixed step re-sends one prompt: it must be computed every time
@@ -259,7 +260,7 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
     rows = []
     for batch in batches:
         prompts = [torch.randint(0, config.vocab_size - 1000, (context,)).tolist() for _ in range(batch)]
-        seqs = [cache.admit(p, context + 4 * steps, step_tokens) for p in prompts]
+        seqs = [cache.admit(p, context + 4 * steps, prompt_step) for p in prompts]
         logits = model.forward_batch(list(zip(seqs, prompts)), cache)
         tokens = logits.argmax(-1).tolist()
 
