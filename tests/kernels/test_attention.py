@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from kubrick.engine.kernels import reference
-from kubrick.engine.kernels.attention import attention_decode, attention_prefill
+from kubrick.engine.kernels._common import block_config
+from kubrick.engine.kernels.attention import (attention_decode, attention_prefill, attention_prefill_varlen,
+                                              prefill_tiles)
 
 from .helpers import poisoned, rel_error
 
@@ -106,3 +108,29 @@ def test_paged_decode_reads_blocks_in_place(device, dtype, window, splits):
         pos = torch.tensor([n - 1], device=device)
         expected = reference.attention(q[b : b + 1], k[b], v[b], sinks, pos, n, window)[0]
         assert rel_error(out[b], expected) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 8])
+def test_varlen_prefill_takes_several_sequences_chunks_in_one_launch(device, dtype, window):
+    # A batched step's rows: a 1-row stand-in for a decode (left alone), then chunks of three sequences at
+    # different positions, one longer than a tile, packed one after another; one launch for them all.
+    tile = block_config("attn_prefill", torch.device(device))["BLOCK_M"]
+    long = tile + tile // 2  # spans two tiles, the second partial
+    seq, q_heads, kv_heads, head_dim = 4 * (-(-(11 + long) // 4)) + 4, 4, 2, 16
+    _, k, v, sinks = random_cache(3, seq, q_heads, kv_heads, head_dim, 1, dtype, device, seed=window + 3)
+    k_pool, v_pool, table = paged(k, v, page=4, seed=window)
+    # (sequence, first row, length, start position)
+    chunks = [(2, 1, 5, 0), (0, 6, long, 11), (1, 6 + long, 3, seq - 4)]
+    rows = 1 + sum(length for _, _, length, _ in chunks)
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(rows, q_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    tiles = torch.from_numpy(prefill_tiles(chunks, torch.device(device))).to(device)
+    assert tiles.shape[0] == len(chunks) + 1  # the long chunk's two tiles
+    out = attention_prefill_varlen(q, k_pool, v_pool, sinks, tiles, table, window=window,
+                                   out=poisoned(q.shape, dtype, device))
+    assert torch.isnan(out[0]).all()  # no tile names row 0
+    for b, row, length, start in chunks:
+        positions = torch.arange(start, start + length, device=device)
+        expected = reference.attention(q[row : row + length], k[b], v[b], sinks, positions, start + length, window)
+        assert rel_error(out[row : row + length], expected) < BOUNDS[dtype]

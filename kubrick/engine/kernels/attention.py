@@ -6,7 +6,9 @@ and adds nothing to the output; starting the online softmax at (max = sink, sum 
 Window w > 0: a query at position p sees keys in (p - w, p]; w = 0: full causal.
 
 prefill: flash-style, one program per BLOCK_M queries of one head; it visits only the key blocks its causal
-         window can see (O(T * w) on sliding layers).
+         window can see (O(T * w) on sliding layers). Its varlen form takes the prompt chunks of many
+         sequences, packed row after row as a batched step holds them, in one launch: a small tile list on the
+         device says which sequence, rows and positions each program takes.
 decode:  one new query per sequence at position kv_len - 1. One program per (sequence, KV head, split): the
          QH/KVH query heads of a group form the rows of one tl.dot, so the group's keys are read once; the
          key range is cut into SPLITS pieces to fill the GPU, and the pieces' (max, sum, weighted values) are
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -63,18 +66,36 @@ def _kv_rows(table_ptr, batch, offs_n, mask_n, st_b, PAGE: tl.constexpr):
 # (Triton specialises integers on divisibility by 16, pointers on alignment): a compile stalls every stream.
 @triton.jit(do_not_specialize=["n_tokens", "start_pos", "st_b"], do_not_specialize_on_alignment=["table_ptr"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr, table_ptr,
+    q_ptr, k_ptr, v_ptr, sinks_ptr, o_ptr, table_ptr, tiles_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_b, so_t, so_h, st_b,
     n_tokens, start_pos, qk_scale,
     Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    VARLEN: tl.constexpr, PDL: tl.constexpr,
 ):
+    """A BLOCK_M-query tile of one head against the keys it sees. Plain: tile pid_m of a [B, T] chunk at
+    start_pos. VARLEN: tile pid_m of tiles_ptr's list, int32 (sequence, first row of q, rows, position of
+    that row) each, rows of q [rows, QH, D] packed from many sequences' chunks; a sequence of -1 ends the list."""
     pdl_start(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = (bh // Q_HEADS).to(tl.int64)
-    head = bh % Q_HEADS
+    if VARLEN:
+        batch = tl.load(tiles_ptr + 4 * pid_m).to(tl.int64)
+        if batch < 0:
+            return
+        row0 = tl.load(tiles_ptr + 4 * pid_m + 1)
+        n_tokens = tl.load(tiles_ptr + 4 * pid_m + 2)
+        start_pos = tl.load(tiles_ptr + 4 * pid_m + 3)
+        head = bh
+        # This tile's queries as rows 0.. of a chunk starting at start_pos, and of q and o from row0.
+        q_ptr += row0.to(tl.int64) * sq_t
+        o_ptr += row0.to(tl.int64) * so_t
+        sq_b = 0
+        so_b = 0
+        pid_m = 0
+    else:
+        batch = (bh // Q_HEADS).to(tl.int64)
+        head = bh % Q_HEADS
     kv_head = head // (Q_HEADS // KV_HEADS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -158,12 +179,59 @@ def attention_prefill(
     cfg = block_config("attn_prefill", q.device)
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_M"]), batch * q_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, sinks, out, layout.table,
+        q, k_cache, v_cache, sinks, out, layout.table, layout.table,
         q.stride(0), q.stride(1), q.stride(2), layout.sk_b, k_cache.stride(1), k_cache.stride(2),
         layout.sv_b, v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2), layout.st_b,
         n_tokens, start_pos, scale * LOG2E,
         Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, PAGE=layout.page,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype), **pdl(q.device),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype), VARLEN=False, **pdl(q.device),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def prefill_tiles(chunks: list[tuple[int, int, int, int]], device: torch.device) -> np.ndarray:
+    """The tile list of attention_prefill_varlen: chunks (sequence, first row, length, start position) cut into
+    the device's prefill tiles of BLOCK_M rows -> int32 [tiles, 4] (sequence, first row, rows, position)."""
+    block_m = block_config("attn_prefill", device)["BLOCK_M"]
+    tiles = [(seq, row + t, min(block_m, length - t), start + t)
+             for seq, row, length, start in chunks for t in range(0, length, block_m)]
+    return np.array(tiles, dtype=np.int32).reshape(-1, 4)
+
+
+def attention_prefill_varlen(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    sinks: torch.Tensor,
+    tiles: torch.Tensor,
+    block_table: torch.Tensor,
+    window: int = 0,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prompt chunks of several sequences in one launch. q [rows, QH, D] holds the chunks' rows; tiles int32
+    [tiles, 4] on q's device (prefill_tiles) says where each is; the paged pools and block_table as
+    attention_prefill's (table row = the tiles' sequence). -> out [rows, QH, D]; rows no tile names are left alone.
+    Each sequence's keys up to its tile's last position must be in the pools already."""
+    rows, q_heads, head_dim = q.shape
+    kv_heads = k_pool.shape[2]
+    layout = _CacheLayout(k_pool, v_pool, block_table, int(block_table.shape[0]))
+    assert layout.page > 0 and q.stride(-1) == 1 and q_heads % kv_heads == 0
+    assert tiles.dtype == torch.int32 and tiles.is_contiguous() and tiles.shape[1:] == (4,)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty_like(q) if out is None else out
+    assert out.shape == q.shape and out.stride(-1) == 1
+    cfg = block_config("attn_prefill", q.device)
+    if tiles.shape[0] == 0:
+        return out
+    _prefill_kernel[(tiles.shape[0], q_heads)](
+        q, k_pool, v_pool, sinks, out, layout.table, tiles,
+        0, q.stride(0), q.stride(1), layout.sk_b, k_pool.stride(1), k_pool.stride(2),
+        layout.sv_b, v_pool.stride(1), v_pool.stride(2), 0, out.stride(0), out.stride(1), layout.st_b,
+        0, 0, scale * LOG2E,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, WINDOW=window, PAGE=layout.page,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **_dot_args(q.dtype), VARLEN=True, **pdl(q.device),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
