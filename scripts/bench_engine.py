@@ -236,7 +236,7 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
     """Continuous batching's decode step, as the scheduler runs it: FastTransformer.forward_batch over the paged
     KV cache (graph replay per bucket) with its host work (block tables, transfers) and one greedy argmax per
     batch, wall clock per step. Each sequence's `context`-token prompt is prefilled first (all in one step).
-    Also: one mixed step (the batch decoding while a new 448-token prompt chunk joins), graphed in pieces as the
+    Also: one mixed step (the batch decoding while a new 448-token prompt chunk joins), one CUDA graph as the
     Engine runs it, and eager."""
     top, page, step_tokens = max(batches), 16, 512
     prompt_step = max(step_tokens, context)  # each sequence's prompt is read in one step below
@@ -285,7 +285,7 @@ def decode_paged(model, config, batches, context: int, steps: int) -> list[dict]
                 tokens[:] = out[:batch].argmax(-1).tolist()
                 cache.release(seq)
 
-            row["mixed_step_s"] = min(_timed(mixed_step, 1) for _ in range(3))  # pieces of CUDA graphs
+            row["mixed_step_s"] = min(_timed(mixed_step, 1) for _ in range(3))  # the mixed CUDA graph
             graphs, model.mixed_graphs = model.mixed_graphs, None
             row["mixed_step_eager_s"] = min(_timed(mixed_step, 1) for _ in range(3))
             # Its GPU kernels alone: what is left of the eager wall time is the host launching them one by one.

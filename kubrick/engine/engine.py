@@ -215,8 +215,9 @@ class Engine:
     def forward_batch(self, segments, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One batched step over the paged cache: logits [segments, vocab] (see model.Transformer.forward_batch).
 
-        device_tokens: each segment's one token as a device tensor (the last step's greedy picks, not yet read
-        back), fed in place of the segments' placeholders. The kernel engine queues such a step behind the last
+        device_tokens: one token each for the first len(device_tokens) segments (the decode rows; prompt chunks
+        may follow), as a device tensor (the last step's picks, not yet read back), fed in place of their
+        placeholders. The kernel engine queues such a step behind the last
         one without waiting for it; the reference model reads the tokens first.
         """
         try:
@@ -224,8 +225,9 @@ class Engine:
                 return self.model.forward_batch(segments, self.paged)
             if getattr(self.model, "takes_device_tokens", False):
                 return self.model.forward_batch(segments, self.paged, device_tokens=device_tokens)
-            picks = device_tokens.tolist()
-            return self.model.forward_batch([(seq, [t]) for (seq, _), t in zip(segments, picks)], self.paged)
+            picks = device_tokens.tolist()  # the first len(picks) segments are one placeholder each
+            fed = [(seq, [t]) for (seq, _), t in zip(segments, picks)] + list(segments[len(picks):])
+            return self.model.forward_batch(fed, self.paged)
         except torch.cuda.OutOfMemoryError:
             raise EngineError("the GPU ran out of memory; lower --kv-cache-memory or KUBRICK_STEP_TOKENS") from None
 

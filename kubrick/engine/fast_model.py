@@ -18,8 +18,10 @@ the graph captured over the engine's cache).
 Continuous batching: `forward_batch(segments, paged_cache)` runs one scheduler step (decode tokens and prompt
 chunks of many sequences) over the paged KV cache, whose blocks the attention kernels read in place through
 block tables. A step of decode tokens only replays `PagedGraphDecoder`'s graph for its batch-size bucket; a
-step with prompt chunks replays `PagedMixedGraphs`' pieces (mixed_graphs.py: graphs cut at the attention,
-which runs eagerly between them), or runs eagerly when it has more rows than the largest bucket.
+step with prompt chunks replays `PagedMixedGraphs`' graph for its bucket of rows (mixed_graphs.py: the decode
+rows' attention and all prompt chunks' attention inside it, on fixed-size inputs), or runs eagerly when it has
+more rows or sequences than the graphs were captured for. No step waits for the GPU to be launched, so the
+scheduler queues each behind the last (chained steps).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from kubrick.engine.config import ModelConfig
 from kubrick.engine.cuda_graphs import capture, warm_up
 from kubrick.engine.kernels import moe, uses_gemv
 from kubrick.engine.kernels._common import block_config
-from kubrick.engine.kernels.attention import attention_decode, attention_prefill, pick_splits
+from kubrick.engine.kernels.attention import (attention_decode, attention_prefill, attention_prefill_varlen, pick_splits,
+                                              prefill_tiles)
 from kubrick.engine.kernels.linear import linear
 from kubrick.engine.kernels.moe_gemv import new_gemv_input
 from kubrick.engine.kernels.rmsnorm import rmsnorm
@@ -134,15 +137,14 @@ class FastTransformer:
         runs at positions seq.length …; returns fp32 logits of the last token of each segment that reached the
         end of its sequence's known tokens, in order; advances every sequence.
 
-        device_tokens: one token per segment, on the GPU (the last step's greedy picks), to feed instead of the
-        segments' own (one placeholder each): the step is queued without waiting for the last one to finish.
+        device_tokens: the first len(device_tokens) segments' one token each, on the GPU (the last step's
+        picks), to feed instead of their placeholders: the step is queued without waiting for the last one to
+        finish. Nothing here waits for the GPU: host inputs cross in pinned copies, and the logits rows wanted
+        are chosen on the host.
         """
         graphs = self.paged_decoder if self.paged_decoder is not None and self.paged_decoder.cache is cache else None
         graphed = (graphs is not None and len(segments) <= graphs.buckets[-1]
                    and all(len(part) == 1 for _, part in segments))
-        if device_tokens is not None and not graphed:  # the eager path takes host tokens: wait for them
-            segments = [(seq, [token]) for (seq, _), token in zip(segments, device_tokens.tolist())]
-            device_tokens = None
         for seq, part in segments:
             cache.prepare(seq, part, prefill=seq.length < len(seq.tokens))
         step = PagedStep.build(segments, cache, width=graphs.max_blocks if graphs else None)
@@ -152,26 +154,32 @@ class FastTransformer:
         mixed = self.mixed_graphs
         if graphed:
             logits = graphs.step(step, device_tokens)[: len(segments)]
-        elif mixed is not None and mixed.cache is cache and mixed.fits(step.tokens.shape[0]):
-            logits = mixed.step(self, step)  # everything but the attention replays CUDA graphs
+        elif mixed is not None and mixed.cache is cache and mixed.fits(step):
+            logits = mixed.step(self, step, device_tokens)  # one CUDA graph, attention included
         else:
-            logits = self._paged_layers(step.to(self.device), cache, last_rows=True)
+            on_device = step.to(self.device)
+            if device_tokens is not None:  # the decode rows come first
+                on_device.tokens[: len(device_tokens)] = device_tokens
+            logits = self._paged_layers(on_device, cache, last_rows=True)
         for seq, part in segments:
             cache.advance(seq, len(part))
-        wanted = [seq.length >= len(seq.tokens) for seq, _ in segments]
-        if all(wanted):
+        wanted = [i for i, (seq, _) in enumerate(segments) if seq.length >= len(seq.tokens)]
+        if len(wanted) == len(segments):
             return logits
-        return logits[torch.tensor(wanted, device=logits.device)]
+        return logits.index_select(0, _pinned_on(logits.device, wanted))
 
     def _paged_layers(self, step: "PagedStep", cache: PagedKVCache, last_rows: bool) -> torch.Tensor:
         """The model over one step's rows; logits of each segment's last row (last_rows) or of every row."""
-        c = self.config
+        return self._paged_logits(self._paged_stream(step, cache), step, last_rows)
+
+    def _paged_stream(self, step: "PagedStep", cache: PagedKVCache) -> torch.Tensor:
+        """Every layer over one step's rows -> the residual stream after the last (before the final norm)."""
         x, cos, sin, _ = self._step_inputs(step.tokens, step.positions)
-        for layer in range(c.num_hidden_layers):
+        for layer in range(self.config.num_hidden_layers):
             q = self._paged_qkv(layer, x, cos, sin, step.rows_full, step.rows_window, cache)
             out = self._paged_attention(layer, q, step, cache)
             x = self._moe(layer, *self._out_projection(layer, out, x))
-        return self._paged_logits(x, step, last_rows)
+        return x
 
     def _paged_logits(self, x: torch.Tensor, step: "PagedStep", last_rows: bool) -> torch.Tensor:
         if last_rows and not step.decode_only:
@@ -217,9 +225,8 @@ class FastTransformer:
                 d = step.decode_segments
                 out[step.decode_rows] = attention_decode(q[step.decode_rows], keys, values, sinks, step.kv_lens[d],
                                                          window=window, splits=splits, block_table=table[d])
-            for segment, row, length, start in step.prefills:  # prompt chunks: one flash launch each
-                attention_prefill(q[None, row : row + length], keys, values, sinks, start_pos=start, window=window,
-                                  block_table=table[segment : segment + 1], out=out[None, row : row + length])
+            if step.prefills:  # prompt chunks: one flash launch for them all, over the step's tile list
+                attention_prefill_varlen(q, keys, values, sinks, step.tiles, table, window=window, out=out)
         return out.reshape(out.shape[0], -1)
 
     def _attention(self, layer, x, cos, sin, rows, kv, start: int | None, kv_lens):
@@ -388,12 +395,12 @@ class GraphedFastTransformer(FastTransformer):
 
     def capture_paged(self, cache: PagedKVCache, max_blocks: int, max_batch: int, max_rows: int | None = None) -> None:
         """Capture the graphs of continuous batching over `cache` (sequences up to max_blocks blocks): decode
-        steps of up to max_batch sequences, and mixed steps of up to max_rows rows in pieces (mixed_graphs.py)."""
+        steps of up to max_batch sequences, and mixed steps of up to max_rows rows (mixed_graphs.py)."""
         if self.device.type == "cuda":
             self.paged_decoder = self.mixed_graphs = None  # free the old graphs' pools first
             self.paged_decoder = PagedGraphDecoder(self, cache, max_blocks, max_batch)
             if max_rows:
-                self.mixed_graphs = PagedMixedGraphs(self, cache, max_rows)
+                self.mixed_graphs = PagedMixedGraphs(self, cache, max_rows, max_blocks, max_batch)
             self._compile_mixed_steps(cache)
 
     def _compile_mixed_steps(self, cache: PagedKVCache) -> None:
@@ -447,6 +454,7 @@ class PagedStep:
     prefills: list[tuple[int, int, int, int]]  # (segment, first row, length, start position) of longer ones
     last_rows: torch.Tensor  # int64 [segments]: the last row of each segment
     splits: dict[int, int] | None = None  # decode splits per window, fixed for a CUDA graph
+    tiles: torch.Tensor | None = None  # the prompt chunks' prefill tiles, on the device (set by `to`)
 
     @classmethod
     def build(cls, segments: list[tuple[SequenceBlocks, list[int]]], cache: PagedKVCache,
@@ -497,14 +505,27 @@ class PagedStep:
         )
 
     def to(self, device) -> "PagedStep":
-        moved = {name: getattr(self, name).to(device) for name in
+        """The step's tensors on `device`; to a GPU through pinned copies, so the host need not wait for the
+        GPU's queue (a pageable copy would wait for every step queued before it)."""
+        device = torch.device(device)
+        moved = {name: _pinned_on(device, getattr(self, name)) for name in
                  ("tokens", "positions", "rows_full", "rows_window", "kv_lens", "table_full", "table_window",
                   "last_rows", "decode_segments", "decode_rows") if isinstance(getattr(self, name), torch.Tensor)}
+        if self.prefills:
+            moved["tiles"] = _pinned_on(device, torch.from_numpy(prefill_tiles(self.prefills, device)))
         return PagedStep(**{**self.__dict__, **moved})
 
 
 def _index(items: list[int] | slice) -> slice | torch.Tensor:
     return items if isinstance(items, slice) else torch.tensor(items, dtype=torch.long)
+
+
+def _pinned_on(device: torch.device, values: torch.Tensor | list[int]) -> torch.Tensor:
+    """A host tensor (or list of ints) on `device`, copied to a GPU without waiting for its queue."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class PagedGraphDecoder:
@@ -575,7 +596,7 @@ class PagedGraphDecoder:
 
     def step(self, step: PagedStep, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """A decode-only step (host tensors from PagedStep.build) -> logits [bucket, vocab], rows n … idle.
-        device_tokens: the n tokens to feed, already on the GPU (step.tokens then holds placeholders)."""
+        device_tokens: the tokens of the first rows, already on the GPU (step.tokens holds placeholders there)."""
         n = step.tokens.shape[0]
         bucket = self.bucket_for(n)
         cols = step.table_full.shape[1]
@@ -592,6 +613,6 @@ class PagedGraphDecoder:
         self.tables[:, :bucket].copy_(self.host_tables[:, :bucket], non_blocking=True)
         self.copied.record()
         if device_tokens is not None:  # in stream order: after the step that picked them
-            self.rows[0, :n].copy_(device_tokens)
+            self.rows[0, : len(device_tokens)].copy_(device_tokens)
         self.graphs[bucket].replay()
         return self.logits[bucket]

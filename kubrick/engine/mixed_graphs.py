@@ -1,27 +1,34 @@
-"""Mixed steps (prompt chunks beside decodes) replayed as CUDA graphs cut at the attention.
+"""Mixed steps (prompt chunks beside decodes) replayed as one CUDA graph per bucket of rows, attention included.
 
-An eager mixed step launches ~500 kernels and torch ops from Python. In the server that host work took 33-45 ms
-against 26 ms of GPU work (64 decodes + a 448-token chunk, BENCHMARKS.md), so every stream's next token waited
-on Python. Here everything but the attention is captured once per bucket of row counts, in pieces:
+An eager mixed step launches ~500 kernels and torch ops from Python; in the server that host work stretched when
+the response thread held the interpreter lock, and every stream's next token waited on it. Graph pieces cut at
+the attention (until run 41) still launched the attention from Python, a few launches a layer for each prompt
+chunk, ~12 ms a step on the H100 host. Here the whole model runs in one graph, because the attention of any mix
+of rows can be written with fixed shapes:
 
-  piece 0         embedding, RoPE angles; layer 0's norm, QKV projection, RoPE + keys/values into the pools -> q
-  piece l (1..L-1) layer l-1's out-projection and MoE block; layer l's norm, QKV, RoPE + keys/values   -> q
-  piece L         the last layer's out-projection and MoE block                                  -> the stream
+  decode rows   the step's one-token segments come first (the scheduler plans them so): the split-KV decode
+                kernel runs over the first `decode_rows` rows of the bucket with splits fixed per bucket (as
+                the decode graphs do), each row r reading segment r's block table and kv_len; rows past the
+                real decodes get kv_len 1 and write junk rows that the prompt tiles overwrite or nobody reads;
+  prompt rows   attention_prefill_varlen over a fixed-size tile list, one entry per BLOCK_M rows of a chunk
+                (segment, first row, rows, position), the unused entries -1 (their programs return at once).
 
-and between pieces the attention runs eagerly over the step's real rows, whose launches depend on where each
-sequence is in the cache (a decode launch for the one-token rows, a flash launch per prompt chunk). A step of
-n rows replays the smallest bucket holding n; rows n... are idle (token 0 at position 0, keys and values
-written into the pools' scratch block, attention never run for them, their results never read). The logits
-(final norm and unembedding of each segment's last row) are computed eagerly after the last piece.
+A step copies its rows, kv_lens, block tables and tile list into static buffers (pinned staging, one transfer
+each) and replays the smallest bucket holding its rows; rows n... are idle (token 0 at position 0, keys and
+values written into the pools' scratch block, results never read). The logits (final norm and unembedding of
+each segment's last row) are computed eagerly after the replay.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from kubrick.engine.cuda_graphs import capture, warm_up
+from kubrick.engine.kernels._common import block_config
+from kubrick.engine.kernels.attention import pick_splits, prefill_tiles
 from kubrick.engine.paged_cache import PagedKVCache
 
 if TYPE_CHECKING:
@@ -31,78 +38,92 @@ BUCKETS = (64, 128, 256, 512)  # rows of a step; from 64 up, so every bucket tak
 
 
 class PagedMixedGraphs:
-    def __init__(self, model: "FastTransformer", cache: PagedKVCache, max_rows: int):
+    def __init__(self, model: "FastTransformer", cache: PagedKVCache, max_rows: int, max_blocks: int,
+                 max_segments: int):
+        from kubrick.engine.fast_model import PagedStep
+
         self.cache = cache  # no reference to the model: model -> graphs -> model would hold GPU memory until gc
         c, device = model.config, model.device
-        self.layers = c.num_hidden_layers
         self.buckets = sorted({b for b in BUCKETS if b < max_rows} | {min(max_rows, BUCKETS[-1])})
         top, page = self.buckets[-1], cache.block_size
+        self.max_blocks, self.max_segments = max_blocks, max_segments
+        block_m = block_config("attn_prefill", device)["BLOCK_M"]
+        self.max_tiles = top // block_m + max_segments  # a chunk adds at most one partial tile
         # Per row: token, position, cache row in the full-attention pools, cache row in the window pools.
         self.idle = (0, 0, cache.scratch_full * page, cache.scratch_window * page)
         self.host_rows = torch.zeros(4, top, dtype=torch.long, pin_memory=True)
-        self.rows = torch.zeros(4, top, dtype=torch.long, device=device)
+        self.host_lens = torch.ones(max_segments, dtype=torch.int32, pin_memory=True)
+        self.host_tables = torch.zeros(2, max_segments, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.host_tiles = torch.full((self.max_tiles, 4), -1, dtype=torch.int32, pin_memory=True)
         self._fill_idle(0, top)
-        self.rows.copy_(self.host_rows)
-        # What crosses a cut: q (pieces -> attention) and the attention's output (attention -> next piece).
-        self.q = torch.zeros(top, c.num_attention_heads, c.head_dim, dtype=model.dtype, device=device)
-        self.attn = torch.zeros(top, c.num_attention_heads * c.head_dim, dtype=model.dtype, device=device)
-        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.streams: dict[int, dict] = {}  # bucket -> the pieces' shared state; "x" ends as the last stream
+        self.host_tables[0], self.host_tables[1] = cache.scratch_full, cache.scratch_window
+        self.rows, self.kv_lens, self.tables, self.tiles = (
+            t.to(device) for t in (self.host_rows, self.host_lens, self.host_tables, self.host_tiles))
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.streams: dict[int, torch.Tensor] = {}  # bucket -> the residual stream the graph leaves
         pool = None
         for bucket in self.buckets:
-            pieces = self._pieces(model, bucket)
-            warm_up(device, lambda pieces=pieces: [piece() for piece in pieces])
-            graphs = []
-            for piece in pieces:  # one pool: the pieces replay one after another, never at once
-                graph, _ = capture(piece, pool)
-                pool = graph.pool()
-                graphs.append(graph)
-            self.graphs[bucket] = graphs
-        self.copied = torch.cuda.Event()  # the last step's row transfer is done: the staging may be refilled
+            decodes = min(bucket, max_segments)
+            step = PagedStep(
+                tokens=self.rows[0, :bucket], positions=self.rows[1, :bucket], rows_full=self.rows[2, :bucket],
+                rows_window=self.rows[3, :bucket], kv_lens=self.kv_lens, table_full=self.tables[0],
+                table_window=self.tables[1], decode_only=False, decode_count=decodes,
+                decode_segments=slice(0, decodes), decode_rows=slice(0, decodes),
+                prefills=[(0, 0, 0, 0)],  # (any: the tile list on the device says where the chunks are)
+                last_rows=self.rows[0, :0], tiles=self.tiles,
+                splits={  # per window: the longest context the graphs were captured for
+                    window: pick_splits(decodes, c.num_key_value_heads, keys,
+                                        block_config("attn_decode", device)["BLOCK_N"], device)
+                    for window, keys in ((0, max_blocks * page),
+                                         (c.sliding_window, min(c.sliding_window, max_blocks * page)))
+                },
+            )
+
+            def layers(step=step):
+                return model._paged_stream(step, cache)
+
+            warm_up(device, layers)
+            graph, self.streams[bucket] = capture(layers, pool)
+            pool = graph.pool()  # one pool: the graphs replay one after another, never at once
+            self.graphs[bucket] = graph
+        self.copied = torch.cuda.Event()  # the last step's transfers are done: the staging may be refilled
         self.copied.record()
-
-    def _pieces(self, model: "FastTransformer", bucket: int) -> list:
-        tokens, positions, rows_full, rows_window = (self.rows[i, :bucket] for i in range(4))
-        q, attn, cache = self.q[:bucket], self.attn[:bucket], self.cache
-        state: dict = {}
-        self.streams[bucket] = state
-
-        def first():
-            state["x"], state["cos"], state["sin"], _ = model._step_inputs(tokens, positions)
-            model._paged_qkv(0, state["x"], state["cos"], state["sin"], rows_full, rows_window, cache, q_out=q)
-
-        def after_attention(layer: int):
-            def piece():
-                state["x"] = model._moe(layer, *model._out_projection(layer, attn, state["x"]))
-                if layer + 1 < self.layers:
-                    model._paged_qkv(layer + 1, state["x"], state["cos"], state["sin"], rows_full, rows_window,
-                                     cache, q_out=q)
-            return piece
-
-        return [first] + [after_attention(layer) for layer in range(self.layers)]
 
     def _fill_idle(self, first: int, end: int) -> None:
         for i, value in enumerate(self.idle):
             self.host_rows[i, first:end] = value
 
-    def fits(self, rows: int) -> bool:
-        return rows <= self.buckets[-1]
+    def fits(self, step: "PagedStep") -> bool:
+        """Whether the graphs can run this step: few enough rows and segments, its decode rows first."""
+        segments = step.kv_lens.shape[0]
+        return (step.tokens.shape[0] <= self.buckets[-1] and segments <= self.max_segments
+                and step.table_full.shape[1] <= self.max_blocks and isinstance(step.decode_rows, slice))
 
-    def step(self, model: "FastTransformer", step: "PagedStep") -> torch.Tensor:
-        """A step's host tensors (PagedStep.build, splits set) -> fp32 logits of each segment's last row."""
-        n = step.tokens.shape[0]
+    def step(self, model: "FastTransformer", step: "PagedStep", device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """A step's host tensors (PagedStep.build) -> fp32 logits of each segment's last row.
+        device_tokens: the tokens of the first rows (the decode rows), already on the GPU."""
+        n, segments, cols = step.tokens.shape[0], step.kv_lens.shape[0], step.table_full.shape[1]
         bucket = next(b for b in self.buckets if n <= b)
+        tiles = prefill_tiles(step.prefills, model.device)
+        assert len(tiles) <= self.max_tiles
         self.copied.synchronize()
         for i, name in enumerate(("tokens", "positions", "rows_full", "rows_window")):
             self.host_rows[i, :n] = getattr(step, name)
         self._fill_idle(n, bucket)
+        self.host_lens[:segments] = step.kv_lens
+        self.host_lens[segments:] = 1
+        self.host_tables[0, :segments, :cols] = step.table_full
+        self.host_tables[1, :segments, :cols] = step.table_window
+        self.host_tables[0, segments:], self.host_tables[1, segments:] = self.cache.scratch_full, self.cache.scratch_window
+        self.host_tiles.numpy()[: len(tiles)] = tiles
+        self.host_tiles[len(tiles):] = -1
         self.rows[:, :bucket].copy_(self.host_rows[:, :bucket], non_blocking=True)
+        self.kv_lens.copy_(self.host_lens, non_blocking=True)
+        self.tables.copy_(self.host_tables, non_blocking=True)
+        self.tiles.copy_(self.host_tiles, non_blocking=True)
         self.copied.record()
-        on_device = step.to(model.device)
-        q, attn = self.q[:bucket], self.attn[:bucket]
-        graphs = self.graphs[bucket]
-        graphs[0].replay()
-        for layer in range(self.layers):
-            model._paged_attention(layer, q, on_device, self.cache, out=attn)
-            graphs[layer + 1].replay()
-        return model._paged_logits(self.streams[bucket]["x"][:n], on_device, last_rows=True)
+        if device_tokens is not None:  # in stream order: after the step that picked them
+            self.rows[0, : len(device_tokens)].copy_(device_tokens)
+        self.graphs[bucket].replay()
+        on_device = replace(step, last_rows=step.last_rows.pin_memory().to(model.device, non_blocking=True))
+        return model._paged_logits(self.streams[bucket][:n], on_device, last_rows=True)

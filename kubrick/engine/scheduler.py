@@ -259,9 +259,13 @@ class Scheduler:
 
     def _plan(self) -> list[tuple[_Active, list[int]]]:
         """This step's work: a decode token for each request past its prompt, then prompt chunks, in order."""
-        budget, block = self.engine.step_tokens, self.engine.paged.block_size
         plan = [(a, [a.next_token]) for a in self._running if a.prefill_left == 0]
-        budget -= len(plan)
+        return plan + self._prompt_chunks(self.engine.step_tokens - len(plan))
+
+    def _prompt_chunks(self, budget: int) -> list[tuple[_Active, list[int]]]:
+        """Up to `budget` prompt tokens of the requests still reading their prompts, in arrival order."""
+        block = self.engine.paged.block_size
+        plan = []
         for a in self._running:
             if a.prefill_left == 0 or budget <= 0:
                 continue
@@ -307,7 +311,7 @@ class Scheduler:
         except Exception as err:
             self._fail_step(finished, err)
             return
-        if self.chain and len(finished) == len(plan):
+        if self.chain:
             # Leave the picks on the GPU, so the next step can be queued behind this one before the host reads
             # them (see _chain).
             self._inflight = _Inflight(finished, _Picks(picks))
@@ -318,33 +322,45 @@ class Scheduler:
         self._take_picks(finished, tokens)
 
     def _chain(self) -> bool:
-        """Queue the next decode step behind the in-flight one, fed its picks on the GPU, then handle
-        those picks while the GPU runs it: the host's work (text, stops, the next step's block tables) then
-        overlaps the GPU's instead of leaving it idle between steps.
+        """Queue the next step behind the in-flight one, its decode rows fed the in-flight picks on the GPU,
+        then handle those picks while the GPU runs it: the host's work (text, stops, the next step's block
+        tables, a mixed step's launches) then overlaps the GPU's instead of leaving it idle between steps.
+        Prompt chunks ride along (their tokens are on the host), so requests joining mid-chain keep it going.
 
-        Only when the batch is unchanged and no pick can be a request's last by length; a request the picks
-        end (a stop token, a stop string) leaves as usual and its row of the queued step is dropped.
-        False: not chained (the in-flight picks are still to be handled)."""
+        Only when every running request either has a pick in flight or is still reading its prompt, and no
+        pick can be a request's last by length; a request the picks end (a stop token, a stop string) leaves
+        as usual and its row of the queued step is dropped. False: not chained (the picks are still to be
+        handled)."""
         inflight = self._inflight
         ctx = self.engine.context_length
-        if len(self._running) != len(inflight.actives) or any(
+        picked = {id(a) for a in inflight.actives}
+        if any(
             a.ended or a.handle.cancelled or a.produced + 1 >= a.params.max_tokens
             or len(a.prompt) + a.produced + 1 >= ctx
             for a in inflight.actives
-        ):
+        ) or any(id(a) not in picked and a.prefill_left == 0 for a in self._running):
             return False
         actives = inflight.actives
+        chunks = self._prompt_chunks(self.engine.step_tokens - len(actives))
+        if chunks:
+            # On an engine whose steps compute as they are called (the CPU's), a prompt chunk holds the
+            # thread: stream the text in hand first, as _step does.
+            self._flush_pending()
         marks = [len(a.seq.tokens) for a in actives]  # where each placeholder lands in its sequence's tokens
         started = time.perf_counter()
         try:
-            logits = self.engine.forward_batch([(a.seq, [0]) for a in actives], device_tokens=inflight.picks.device)
-            picks = _pick(logits, actives)
+            logits = self.engine.forward_batch([(a.seq, [0]) for a in actives] + [(a.seq, t) for a, t in chunks],
+                                               device_tokens=inflight.picks.device)
+            rows = actives + [a for a, _ in chunks if a.prefill_left == 0]  # a logits row each
+            picks = _pick(logits, rows)
         except Exception as err:
             self._inflight = None
-            self._fail_step(actives, err)
+            self._fail_step(actives + [a for a, _ in chunks], err)
             return True
-        self._inflight = _Inflight(actives, _Picks(picks))
-        self._traced("launch", started, kind="chained", rows=len(actives), prefill=0)
+        self._inflight = _Inflight(rows, _Picks(picks))
+        prefill = sum(len(t) for _, t in chunks)
+        self._traced("launch", started, kind="chained mixed" if prefill else "chained", rows=len(actives) + len(chunks),
+                     prefill=prefill)
         self._flush_pending()  # the last step's text, while the GPU works
         started = time.perf_counter()
         tokens = inflight.picks.tolist()  # waits for the previous step only; the GPU goes on with this one

@@ -404,9 +404,11 @@ def test_the_step_trace_records_the_steps_a_long_prompt_shares_with_a_stream(eng
         scheduler.stop()
     events = [json.loads(line) for line in trace.read_text().splitlines()]
     launches = [e for e in events if e["ev"] == "launch"]
-    shared = [e for e in launches if e["kind"] == "mixed" and e["rows"] == 2]
-    # 200+ prompt tokens in chunks of at most 31 (32 a step, one for the stream): several shared steps.
+    shared = [e for e in launches if e["kind"] in ("mixed", "chained mixed") and e["rows"] == 2]
+    # 200+ prompt tokens in chunks of at most 31 (32 a step, one for the stream): several shared steps, and
+    # the prompt's chunks ride on the stream's chain of steps rather than breaking it.
     assert len(shared) >= 6 and all(0 < e["prefill"] <= 31 for e in shared)
+    assert sum(e["kind"] == "chained mixed" for e in shared) >= len(shared) - 2
     assert {"decode", "chained"} <= {e["kind"] for e in launches}
     streamed = sum(e["n"] for e in events if e["ev"] == "deliver")
     assert streamed >= stream.generated_tokens - 2  # every sampled token's text, but the last step's or two

@@ -53,10 +53,15 @@ def test_batched_steps_follow_the_reference_as_sequences_join_and_leave(tiny):
         *[[(0, None), (2, None)] for _ in range(6)],  # B has left; A and C run past several window blocks
     ]
     next_token, errors = {}, []
-    for step in schedule:
+    for n, step in enumerate(schedule):
         segments = [(i, part if part is not None else [next_token[i]]) for i, part in step]
         expected = reference.forward_batch([(ref_seqs[i], part) for i, part in segments], ref_cache)
-        got = fast.forward_batch([(fast_seqs[i], part) for i, part in segments], fast_cache)
+        decodes = [next_token[i] for i, part in step if part is None]  # they come first
+        if decodes and n % 2:  # the scheduler's chained steps: the decode rows' tokens on the device
+            fed = [(fast_seqs[i], [0] if part is None else part) for i, part in step]
+            got = fast.forward_batch(fed, fast_cache, device_tokens=torch.tensor(decodes, device=DEVICE))
+        else:
+            got = fast.forward_batch([(fast_seqs[i], part) for i, part in segments], fast_cache)
         assert got.shape == expected.shape
         done = [i for i, _ in segments if ref_seqs[i].length >= len(ref_seqs[i].tokens)]
         for row, i in enumerate(done):
@@ -169,29 +174,41 @@ def test_graph_replayed_batched_decode_matches_eager_steps_and_the_reference_at_
     assert agreed >= 100
 
 
-@pytest.mark.gpu
-def test_mixed_steps_replayed_in_graph_pieces_match_the_eager_model_at_20b_width(tmp_path):
-    # Steps with prompt chunks run as CUDA graphs cut at the attention (mixed_graphs.py), padded to a bucket of
-    # rows: 100 rows (bucket 128), a decode beside a 47-token chunk (48 rows, bucket 64), a 53-token rest beside
-    # a decode, two decode-only steps (the decode graphs), then a 200-token prompt beside two decodes (bucket
-    # 256); each against the same model run eagerly on its own cache.
-    config, weights = two_layers_of_20b(tmp_path, seed=6)
+def graphed_and_eager(tmp_path, seed: int):
+    """Two layers of 20b as the graphed model (decode buckets up to 8 sequences, mixed steps up to 256 rows) and
+    as the eager one, each with its own paged cache."""
+    config, weights = two_layers_of_20b(tmp_path, seed=seed)
     graphed, eager = GraphedFastTransformer(config, weights), FastTransformer(config, weights)
     caches = [m.new_paged_cache(num_blocks=128, window_blocks=96, block_size=16) for m in (graphed, eager)]
     graphed.capture_paged(caches[0], max_blocks=32, max_batch=8, max_rows=256)
+    return config, graphed, eager, caches
+
+
+@pytest.mark.gpu
+def test_mixed_steps_replayed_as_one_graph_per_bucket_match_the_eager_model_at_20b_width(tmp_path):
+    # Steps with prompt chunks replay one CUDA graph per bucket, attention inside (mixed_graphs.py), padded to a bucket of
+    # rows: 100 rows (bucket 128), a decode beside a 47-token chunk (48 rows, bucket 64), a 53-token rest beside
+    # a decode, two decode-only steps (the decode graphs), then a 200-token prompt beside two decodes (bucket
+    # 256); each against the same model run eagerly on its own cache. Three of them are fed their decode rows'
+    # tokens on the GPU, as the scheduler's chained steps are.
+    config, graphed, eager, caches = graphed_and_eager(tmp_path, seed=6)
     mixed = graphed.mixed_graphs
     assert mixed.buckets == [64, 128, 256]
     replayed = []
     real_step = mixed.step
-    mixed.step = lambda model, step: (replayed.append(step.tokens.shape[0]), real_step(model, step))[1]
+    mixed.step = lambda model, step, *fed: (replayed.append(step.tokens.shape[0]), real_step(model, step, *fed))[1]
     gen = torch.Generator().manual_seed(4)
     a, b, c = (torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (100, 100, 200))
     seqs = [[cache.admit(p, len(p) + 20, 256) for p in (a, b, c)] for cache in caches]
     picks: dict[int, int] = {}
 
-    def run(plan):  # plan: (sequence index, tokens or None for its next greedy token)
+    def run(plan, on_gpu=False):  # plan: (sequence index, tokens or None for its next greedy token)
         out = []
         for model, cache, s in zip((graphed, eager), caches, seqs):
+            if on_gpu and model is graphed:  # as a chained step: decode rows fed on the GPU, placeholders here
+                fed = torch.tensor([picks[i] for i, part in plan if part is None], device="cuda")
+                out.append(model.forward_batch([(s[i], part or [0]) for i, part in plan], cache, device_tokens=fed))
+                continue
             segments = [(s[i], part if part is not None else [picks[i]]) for i, part in plan]
             out.append(model.forward_batch(segments, cache))
         done = [i for i, _ in plan if seqs[1][i].length >= len(seqs[1][i].tokens)]  # rows of the logits
@@ -202,10 +219,37 @@ def test_mixed_steps_replayed_in_graph_pieces_match_the_eager_model_at_20b_width
     errors = []
     steps = [[(0, a)], [(0, None), (1, b[:47])], [(0, None), (1, b[47:])], [(0, None), (1, None)],
              [(0, None), (1, None)], [(0, None), (1, None), (2, c)]]
-    for plan in steps:
-        got, expected = run(plan)
+    for n, plan in enumerate(steps):
+        got, expected = run(plan, on_gpu=n in (2, 4, 5))
         assert got.shape == expected.shape
         errors.append(rel_error(got, expected))
     assert replayed == [100, 48, 54, 202]  # the decode-only steps replayed the decode graphs instead
     # The same kernels on the same rows; padding rows change nothing but the order of the MoE's float atomics.
     assert max(errors) < 2e-2, errors
+
+
+@pytest.mark.gpu
+def test_a_mixed_step_fed_on_the_gpu_is_queued_without_waiting_for_the_gpu(tmp_path):
+    # The scheduler queues a step with a prompt chunk behind the step still running, feeding its decode rows
+    # that step's picks on the GPU. Launching it must not wait for the GPU: not for a copy from pageable
+    # memory, not for a logits row chosen on the device. A long kernel keeps the GPU busy meanwhile.
+    config, graphed, eager, caches = graphed_and_eager(tmp_path, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    a, b = (torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (40, 100))
+    seqs = [[cache.admit(p, len(p) + 20, 256) for p in (a, b)] for cache in caches]
+    first = [m.forward_batch([(s[0], a)], c) for m, s, c in zip((graphed, eager), seqs, caches)]
+    picked = first[0].argmax(-1)  # stays on the GPU
+    token = int(first[1].argmax())
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1 << 31)  # ~1 s of GPU time
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        got = graphed.forward_batch([(seqs[0][0], [0]), (seqs[0][1], b[:48])], caches[0], device_tokens=picked)
+        still_busy = not torch.cuda.current_stream().query()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert still_busy  # the host came back while the GPU was still on the long kernel
+    assert int(picked) == token or abs(float(first[0][0, int(picked)] - first[0][0, token])) < 1e-2  # a near-tie
+    expected = eager.forward_batch([(seqs[1][0], [int(picked)]), (seqs[1][1], b[:48])], caches[1])
+    assert got.shape == expected.shape == (1, config.vocab_size)  # b's chunk ends mid-prompt: only a's row
+    assert rel_error(got, expected) < 2e-2
