@@ -195,8 +195,9 @@ class TritonPythonModel:
         return messages, parse_params(raw)
 
     # The response thread: the only place that talks to response senders. One thread, not several: each send
-    # is a round trip to the server process (~0.1-0.3 ms at 64 streams), but sends from four threads at once
-    # made the Python backend drop connections mid-stream under load (H100, 64 clients; BENCHMARKS.md).
+    # is a round trip to the server process (~0.1-0.3 ms at 64 streams), yet four threads sending for their own
+    # requests cost 10-30 % of the tokens a second at 64 clients, their Python contending with the engine
+    # thread for the GIL (BENCHMARKS.md run 41; scripts/experiments/response_lanes.sh).
 
     def _respond_loop(self) -> None:
         while True:
