@@ -7,7 +7,7 @@
 # a request's events stay on its lane, in order). This applies the patch to a copy of the tree (a git worktree)
 # and runs the 64-client level with 4 lanes and with 1, alternating twice, then twice more with the server on
 # two CPUs. Results: BENCHMARKS.md run 41, section 4 (no dropped connections, unlike the try of 2026-11-23, but
-# 10-30 % fewer tokens a second: the lanes' Python contends with the engine thread for the GIL).
+# 11-32 % fewer tokens a second: the lanes' Python contends with the engine thread for the GIL).
 #
 #   scripts/experiments/response_lanes.sh OUTDIR      # on the GPU machine, after scripts/bench_serving_gpu.sh
 #                                                     # has installed the serving wheels and written /tmp/ck20

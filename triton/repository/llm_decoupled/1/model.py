@@ -196,7 +196,7 @@ class TritonPythonModel:
 
     # The response thread: the only place that talks to response senders. One thread, not several: each send
     # is a round trip to the server process (~0.1-0.3 ms at 64 streams), yet four threads sending for their own
-    # requests cost 10-30 % of the tokens a second at 64 clients, their Python contending with the engine
+    # requests cost 11-32 % of the tokens a second at 64 clients, their Python contending with the engine
     # thread for the GIL (BENCHMARKS.md run 41; scripts/experiments/response_lanes.sh).
 
     def _respond_loop(self) -> None:
