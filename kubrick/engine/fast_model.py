@@ -181,7 +181,7 @@ class FastTransformer:
             x = self._moe(layer, *self._out_projection(layer, out, x))
         return x
 
-    def _paged_logits(self, x: torch.Tensor, step: "PagedStep", last_rows: bool) -> torch.Tensor:
+    def _paged_logits(self, x: torch.Tensor, step: "PagedStep | None", last_rows: bool) -> torch.Tensor:
         if last_rows and not step.decode_only:
             x = x[step.last_rows]
         x = rmsnorm(x, self.w["norm.scale"], self.config.rms_norm_eps, dtype=self.dtype)
@@ -402,6 +402,17 @@ class GraphedFastTransformer(FastTransformer):
             if max_rows:
                 self.mixed_graphs = PagedMixedGraphs(self, cache, max_rows, max_blocks, max_batch)
             self._compile_mixed_steps(cache)
+            self._load_tail_kernels(max_batch)
+
+    def _load_tail_kernels(self, rows: int) -> None:
+        """Run a step's eager tail (final norm, unembedding, float32 copy, argmax) once at every row count up to
+        `rows`. cuBLAS picks its kernel by the row count, and CUDA loads a kernel's module at its first launch
+        (lazy loading), waiting for the GPU to go idle: mid-serving that held the launch of a queued step for
+        ~36 ms the first time a step had 17, 33, 42 or 49 segments (BENCHMARKS.md run 41)."""
+        x = torch.zeros(rows, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for n in range(1, rows + 1):
+            self._paged_logits(x[:n], None, last_rows=False).argmax(-1)
+        torch.cuda.synchronize(self.device)
 
     def _compile_mixed_steps(self, cache: PagedKVCache) -> None:
         """Run prompts of each kind through forward_batch once, so that no request waits while Triton compiles
