@@ -8,8 +8,9 @@ of rows can be written with fixed shapes:
 
   decode rows   the step's one-token segments come first (the scheduler plans them so): the split-KV decode
                 kernel runs over the first `decode_rows` rows of the bucket with splits fixed per bucket (as
-                the decode graphs do), each row r reading segment r's block table and kv_len; rows past the
-                real decodes get kv_len 1 and write junk rows that the prompt tiles overwrite or nobody reads;
+                the decode graphs do), each row r reading segment r's block table and kv_len. Rows past the
+                real decodes compute junk that the prompt tiles overwrite or nobody reads: against a prompt
+                segment's own blocks (all allocated) while r is a segment, else kv_len 1 in the scratch block;
   prompt rows   attention_prefill_varlen over a fixed-size tile list, one entry per BLOCK_M rows of a chunk
                 (segment, first row, rows, position), the unused entries -1 (their programs return at once).
 

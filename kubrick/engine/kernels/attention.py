@@ -75,7 +75,8 @@ def _prefill_kernel(
 ):
     """A BLOCK_M-query tile of one head against the keys it sees. Plain: tile pid_m of a [B, T] chunk at
     start_pos. VARLEN: tile pid_m of tiles_ptr's list, int32 (sequence, first row of q, rows, position of
-    that row) each, rows of q [rows, QH, D] packed from many sequences' chunks; a sequence of -1 ends the list."""
+    that row) each, rows of q [rows, QH, D] packed from many sequences' chunks; an entry whose sequence is -1
+    names no tile (its programs return at once)."""
     pdl_start(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
