@@ -16,11 +16,12 @@ Continuous batching (engines with a paged KV cache, `engine.paged`): every step
      with its request's own sampler (`sampler.sample_rows`: greedy, temperature, top-k, top-p, seed), and
      applies its Harmony parser, stop strings and max_tokens; finished requests leave the batch and free their
      blocks.
-  4. When the batch does not change, the next decode step is queued on the GPU before this one's picks are
-     read back, fed them there (`_chain`): the host's work for a step (text,
-     stops, block tables, launches) then runs while the GPU computes, instead of between steps. A step with
-     a prompt chunk streams the text of the picks in hand before it starts: it holds the host until the GPU
-     is done, and a stream's longest wait would otherwise be that step plus the last.
+  4. When every running request has a pick in flight or is still reading its prompt, the next step (decode
+     rows fed those picks on the GPU, then prompt chunks) is queued before the picks are read back (`_chain`):
+     the host's work for a step (text, stops, block tables, launches) then runs while the GPU computes,
+     instead of between steps. A step with a prompt chunk streams the text of the picks in hand before it
+     starts: on an engine that computes as it is called (the CPU's) it holds the host, and a stream's longest
+     wait would otherwise be that step plus the last.
 The step-time bound: a step never runs more than `step_tokens` tokens, so a 30,000-token prompt is read
 `step_tokens - decoding requests` tokens at a time while every other stream still gets a token each step.
 Engines without a paged cache (the Triton-kernel FastTransformer, until its kernels read the paged layout)
