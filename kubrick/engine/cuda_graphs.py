@@ -1,7 +1,8 @@
 """Capturing a step as a CUDA graph, the way every graph class of the engine does it (fast_model.py,
 mixed_graphs.py): run it a few times on a side stream first, so that Triton compiles every kernel and the
 caching allocator settles outside the capture, then capture it once, optionally into a memory pool shared with
-other graphs that never replay at the same time."""
+other graphs that never replay at the same time. Also the one way host inputs reach the GPU for a queued step
+(`on_device`): through pinned memory, so the host need not wait for the steps queued before."""
 
 from __future__ import annotations
 
@@ -28,3 +29,12 @@ def capture(step: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
     with torch.cuda.graph(graph, pool=pool):
         out = step()
     return graph, out
+
+
+def on_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor or list on `device`. To a GPU it goes through pinned memory without waiting for the device's
+    queue: a copy from pageable memory would wait for every step queued before it."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

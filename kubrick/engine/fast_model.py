@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kubrick.engine.config import ModelConfig
-from kubrick.engine.cuda_graphs import capture, warm_up
+from kubrick.engine.cuda_graphs import capture, on_device, warm_up
 from kubrick.engine.kernels import moe, uses_gemv
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import (attention_decode, attention_prefill, attention_prefill_varlen, pick_splits,
@@ -157,16 +157,16 @@ class FastTransformer:
         elif mixed is not None and mixed.cache is cache and mixed.fits(step):
             logits = mixed.step(self, step, device_tokens)  # one CUDA graph, attention included
         else:
-            on_device = step.to(self.device)
+            moved = step.to(self.device)
             if device_tokens is not None:  # the decode rows come first
-                on_device.tokens[: len(device_tokens)] = device_tokens
-            logits = self._paged_layers(on_device, cache, last_rows=True)
+                moved.tokens[: len(device_tokens)] = device_tokens
+            logits = self._paged_layers(moved, cache, last_rows=True)
         for seq, part in segments:
             cache.advance(seq, len(part))
         wanted = [i for i, (seq, _) in enumerate(segments) if seq.length >= len(seq.tokens)]
         if len(wanted) == len(segments):
             return logits
-        return logits.index_select(0, _pinned_on(logits.device, wanted))
+        return logits.index_select(0, on_device(wanted, logits.device, torch.long))
 
     def _paged_layers(self, step: "PagedStep", cache: PagedKVCache, last_rows: bool) -> torch.Tensor:
         """The model over one step's rows; logits of each segment's last row (last_rows) or of every row."""
@@ -519,24 +519,16 @@ class PagedStep:
         """The step's tensors on `device`; to a GPU through pinned copies, so the host need not wait for the
         GPU's queue (a pageable copy would wait for every step queued before it)."""
         device = torch.device(device)
-        moved = {name: _pinned_on(device, getattr(self, name)) for name in
+        moved = {name: on_device(getattr(self, name), device) for name in
                  ("tokens", "positions", "rows_full", "rows_window", "kv_lens", "table_full", "table_window",
                   "last_rows", "decode_segments", "decode_rows") if isinstance(getattr(self, name), torch.Tensor)}
         if self.prefills:
-            moved["tiles"] = _pinned_on(device, torch.from_numpy(prefill_tiles(self.prefills, device)))
+            moved["tiles"] = on_device(torch.from_numpy(prefill_tiles(self.prefills, device)), device)
         return PagedStep(**{**self.__dict__, **moved})
 
 
 def _index(items: list[int] | slice) -> slice | torch.Tensor:
     return items if isinstance(items, slice) else torch.tensor(items, dtype=torch.long)
-
-
-def _pinned_on(device: torch.device, values: torch.Tensor | list[int]) -> torch.Tensor:
-    """A host tensor (or list of ints) on `device`, copied to a GPU without waiting for its queue."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class PagedGraphDecoder:

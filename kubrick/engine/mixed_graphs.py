@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kubrick.engine.cuda_graphs import capture, warm_up
+from kubrick.engine.cuda_graphs import capture, on_device, warm_up
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import pick_splits, prefill_tiles
 from kubrick.engine.paged_cache import PagedKVCache
@@ -126,5 +126,5 @@ class PagedMixedGraphs:
         if device_tokens is not None:  # in stream order: after the step that picked them
             self.rows[0, : len(device_tokens)].copy_(device_tokens)
         self.graphs[bucket].replay()
-        on_device = replace(step, last_rows=step.last_rows.pin_memory().to(model.device, non_blocking=True))
-        return model._paged_logits(self.streams[bucket][:n], on_device, last_rows=True)
+        moved = replace(step, last_rows=on_device(step.last_rows, model.device))
+        return model._paged_logits(self.streams[bucket][:n], moved, last_rows=True)

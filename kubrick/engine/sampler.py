@@ -16,6 +16,7 @@ import random
 import torch
 
 from kubrick.engine.api import SamplingParams
+from kubrick.engine.cuda_graphs import on_device
 
 _MASK63 = (1 << 63) - 1
 
@@ -62,15 +63,15 @@ def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
         return logits.argmax(-1)  # first maximum on ties, as the draws below
     device, vocab = logits.device, logits.shape[1]
     temperatures = [0.0 if s.greedy else max(s.temperature, MIN_TEMPERATURE) for s in samplers]
-    temperature = _on(device, temperatures, torch.float32)
-    keys = _on(device, [0 if s.greedy else s.next_key() for s in samplers], torch.int64)
+    temperature = on_device(temperatures, device, torch.float32)
+    keys = on_device([0 if s.greedy else s.next_key() for s in samplers], device, torch.int64)
     cut = torch.full((len(samplers),), float("-inf"), device=device)
     narrowed = [i for i, s in enumerate(samplers) if not s.greedy and (s.top_p < 1.0 or 0 < s.top_k < vocab)]
     if narrowed:  # only these rows are sorted
-        rows = _on(device, narrowed, torch.int64)
-        settings = _on(device, [[temperatures[i] for i in narrowed],
-                                [samplers[i].top_k if 0 < samplers[i].top_k < vocab else vocab for i in narrowed],
-                                [samplers[i].top_p for i in narrowed]], torch.float32)
+        rows = on_device(narrowed, device, torch.int64)
+        settings = on_device([[temperatures[i] for i in narrowed],
+                              [samplers[i].top_k if 0 < samplers[i].top_k < vocab else vocab for i in narrowed],
+                              [samplers[i].top_p for i in narrowed]], device, torch.float32)
         cut[rows] = cuts(logits[rows], *settings)
     if device.type == "cuda":
         from kubrick.engine.kernels.sampling import sample  # Triton: compiled only where there is a GPU
@@ -108,10 +109,3 @@ def _sample_torch(logits: torch.Tensor, temperature: torch.Tensor, cut: torch.Te
         picks.append(score.argmax())
     return torch.stack(picks)
 
-
-def _on(device: torch.device, values, dtype: torch.dtype) -> torch.Tensor:
-    """A small host list as a tensor on `device`, copied without waiting for the device's queue (pinned)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
