@@ -213,3 +213,15 @@ def test_source_fingerprint_follows_the_code_and_ignores_python_caches(tmp_path)
     assert fingerprint() != first
     (tmp_path / "kubrick" / "engine.py").write_text("step = 1\n")
     assert fingerprint() == first
+
+
+def test_bench_render_times_each_prompt_size_and_the_share_a_thread_keeps():
+    pytest.importorskip("openai_harmony")
+    done = _run("bench_render.py")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split(" prompt")[0].strip() for line in lines[:3]] == ["short", "medium", "long"]
+    tokens = [int(line.split(":")[1].split("tokens")[0]) for line in lines[:3]]
+    assert tokens[0] < tokens[1] < tokens[2]  # the mix's three sizes, rendered
+    share = float(lines[3].split("keeps ")[1].split(" of")[0])
+    assert 0 < share <= 1.5
