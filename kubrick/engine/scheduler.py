@@ -237,7 +237,8 @@ class Scheduler:
             rendered += 1
             try:
                 prompt, params = engine.prepare(handle.messages, handle.params)
-                positions = min(len(prompt) + params.max_tokens - 1, engine.context_length - 1)
+                # Every token it feeds, the last pick too: a chained step may feed it before it is read.
+                positions = min(len(prompt) + params.max_tokens, engine.context_length)
                 if not cache.fits_ever(positions, engine.step_tokens):
                     raise InvalidRequest(
                         f"this request needs room for {positions} tokens (a {len(prompt)}-token conversation + "
@@ -328,20 +329,23 @@ class Scheduler:
         tables, a mixed step's launches) then overlaps the GPU's instead of leaving it idle between steps.
         Prompt chunks ride along (their tokens are on the host), so requests joining mid-chain keep it going.
 
-        Only when every running request either has a pick in flight or is still reading its prompt, and no
-        pick can be a request's last by length; a request the picks end (a stop token, a stop string) leaves
-        as usual and its row of the queued step is dropped. False: not chained (the picks are still to be
-        handled)."""
+        Only when every running request either has a pick in flight or is still reading its prompt. A request
+        the picks end (max_tokens, the context, a stop token or string) leaves as usual; its row of the queued
+        step (admission reserved the room: the last pick may be fed) is dropped, and the next step leaves it
+        out. False: not chained (the picks are still to be handled)."""
         inflight = self._inflight
-        ctx = self.engine.context_length
         picked = {id(a) for a in inflight.actives}
-        if any(
-            a.ended or a.handle.cancelled or a.produced + 1 >= a.params.max_tokens
-            or len(a.prompt) + a.produced + 1 >= ctx
-            for a in inflight.actives
-        ) or any(id(a) not in picked and a.prefill_left == 0 for a in self._running):
+        live = [i for i, a in enumerate(inflight.actives) if not (a.ended or a.handle.cancelled)]
+        if not live or any(id(a) not in picked and a.prefill_left == 0 for a in self._running):
             return False
-        actives = inflight.actives
+        actives = [inflight.actives[i] for i in live]
+        fed = inflight.picks.device
+        if len(live) < len(inflight.actives):  # requests that left: their picks are not fed
+            import torch
+
+            from kubrick.engine.cuda_graphs import on_device
+
+            fed = fed[on_device(live, fed.device, torch.long)]
         chunks = self._prompt_chunks(self.engine.step_tokens - len(actives))
         if chunks:
             # On an engine whose steps compute as they are called (the CPU's), a prompt chunk holds the
@@ -351,7 +355,7 @@ class Scheduler:
         started = time.perf_counter()
         try:
             logits = self.engine.forward_batch([(a.seq, [0]) for a in actives] + [(a.seq, t) for a, t in chunks],
-                                               device_tokens=inflight.picks.device)
+                                               device_tokens=fed)
             rows = actives + [a for a, _ in chunks if a.prefill_left == 0]  # a logits row each
             picks = _pick(logits, rows)
         except Exception as err:
@@ -364,8 +368,9 @@ class Scheduler:
                      prefill=prefill)
         self._flush_pending()  # the last step's text, while the GPU works
         started = time.perf_counter()
-        tokens = inflight.picks.tolist()  # waits for the previous step only; the GPU goes on with this one
+        every = inflight.picks.tolist()  # waits for the previous step only; the GPU goes on with this one
         self._traced("wait", started)
+        tokens = [every[i] for i in live]
         for a, mark, token in zip(actives, marks, tokens):
             a.seq.tokens[mark] = token
         self._take_picks(actives, tokens)
