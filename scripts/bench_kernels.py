@@ -7,7 +7,7 @@ inside one CUDA graph, so nothing is served from L2 that a real decode step woul
 
     python scripts/bench_kernels.py [--sweep] [--sweep-small] [--sweep-gemv] [--sweep-linear] [--sweep-decode]
         [--sweep-tables] [--sweep-w-first] [--sweep-wgmma]
-        [--sweep-grouping] [--sweeps-only] [--model] [--json out.json] [--layers 8]
+        [--sweep-grouping] [--sweep-rope] [--sweeps-only] [--model] [--json out.json] [--layers 8]
 """
 
 from __future__ import annotations
@@ -399,6 +399,26 @@ def sweep_wgmma(layers: int, token_counts: tuple[int, ...] = (8, 16, 64, 128, 14
     return _sweep_moe("wgmma", layers, token_counts, runs_for)
 
 
+def sweep_rope(layers: int, token_counts: tuple[int, ...] = (1, 8, 16, 64, 512, 2048)) -> list[dict]:
+    """rope_and_cache with 1-32 heads of one token a program: where a block of heads pays (rope.HEADS_FROM)."""
+    rows = []
+    qkv_width = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+    caches = [torch.zeros(4096, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16) for _ in range(2)]
+    for tokens in token_counts:
+        qkvs = [torch.randn(tokens, qkv_width, device="cuda", dtype=BF16) for _ in range(layers)]
+        positions = torch.arange(tokens, device="cuda")
+        cos = torch.randn(tokens, HEAD_DIM // 2, device="cuda")
+        sin = torch.randn_like(cos)
+        for heads in (None, 1, 2, 4, 8, 16, 32):
+            calls = [lambda x=x, h=heads: rope_and_cache(x, cos, sin, positions, *caches, Q_HEADS, KV_HEADS,
+                                                         heads_per_program=h) for x in qkvs]
+            us = time_per_call(calls) * 1e6
+            name = "as run" if heads is None else f"{heads} heads a program"
+            rows.append(dict(kernel="rope_and_cache", tokens=tokens, config=name, us=us))
+            print(f"rope_and_cache T={tokens} {name}: {us:.1f} us", flush=True)
+    return rows
+
+
 def sweep_grouping(layers: int, token_counts: tuple[int, ...] = (64, 256, 300, 512, 1024, 2048)) -> list[dict]:
     """group_by_expert as moe_grouped runs it (one program up to SPLIT_PAIRS pairs, a program per chunk above)
     against one program at every size: where the split pays."""
@@ -654,6 +674,8 @@ def main() -> None:
                         help="also time sm90's Gluon MoE (moe_wgmma) over its blocks beside the Triton tiles")
     parser.add_argument("--sweep-grouping", action="store_true",
                         help="also time the MoE's grouping of pairs by expert, split over programs or not")
+    parser.add_argument("--sweep-rope", action="store_true",
+                        help="also time RoPE + KV write with 1-32 heads of a token a program")
     parser.add_argument("--sweeps-only", action="store_true", help="skip the kernel figures, run only the sweeps asked")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
@@ -680,6 +702,8 @@ def main() -> None:
         sweep_rows += sweep_wgmma(args.layers)
     if args.sweep_grouping:
         sweep_rows += sweep_grouping(args.layers)
+    if args.sweep_rope:
+        sweep_rows += sweep_rope(args.layers)
     if args.model:
         torch.cuda.empty_cache()
         try:

@@ -113,7 +113,7 @@ def test_router_and_rmsnorm_real_shape():
     assert rel_error(weights, ref_weights) < 1e-4
 
 
-@pytest.mark.parametrize("n_tokens", [1, 300])
+@pytest.mark.parametrize("n_tokens", [1, 15, 16, 300])  # one head a program below 16 tokens, 16 from there
 def test_rope_and_cache_real_shape(n_tokens):
     rope = RotaryEmbedding(ModelConfig(), torch.device("cuda"))
     positions = torch.arange(4000, 4000 + n_tokens, device="cuda")
