@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Experiment (issue 6, 2026-11-24): the response thread sends only while the engine thread waits for the GPU.
+# Not kept.
+#
+# At 64 streams the Triton model's response thread sends ~35 responses a batch; each send lets the interpreter
+# lock go (a round trip to the server process) and takes it back, so while the engine thread runs a step's Python
+# the two threads trade the lock at every send, and a batch of 64 sometimes took 30-100 ms (the step traces'
+# "respond" events). quiet_sends.patch adds Scheduler.quiet, an event set while the engine thread waits for picks
+# or for work (GPU engines only), and makes the response thread wait for it before each send, holding a batch back
+# 10 ms at most. This applies the patch to a copy of the tree (a git worktree) and runs the 64-client level with
+# and without it, alternating twice. Results: BENCHMARKS.md run 42, section 3 (throughput level, ITL p99 no
+# better: responses held back come out in bigger batches later).
+#
+#   scripts/experiments/quiet_sends.sh OUTDIR      # on the GPU machine, after scripts/bench_serving_gpu.sh
+#                                                  # has installed the serving wheels and written /tmp/ck20
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=$(mkdir -p "${1:?usage: quiet_sends.sh OUTDIR}" && cd "$1" && pwd)
+COPY=$(mktemp -d)/tree
+PTH=$(python3 -c 'import site; print(site.getsitepackages()[0])')/kubrick-src.pth  # where the stub finds kubrick
+git worktree add -q --detach "$COPY" HEAD
+trap 'echo "$PWD" > "$PTH"; git worktree remove --force "$COPY"' EXIT
+git -C "$COPY" apply "$PWD/scripts/experiments/quiet_sends.patch" || exit 1
+[ -f .gpus/vocab/o200k_base.tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.gpus/vocab
+export KUBRICK_MAX_BATCH=128 KUBRICK_STEP_TOKENS=512
+run() {  # NAME TREE
+    local name=$1 tree=$2
+    echo "$tree" > "$PTH"
+    (cd "$tree" && KUBRICK_STEP_TRACE=$OUT/$name.trace.jsonl timeout 150 python3 scripts/bench_serving.py \
+        --checkpoint /tmp/ck20 --device cuda:0 --context-length 4096 --concurrency 64 --requests 2 --max-tokens 512 \
+        --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1)
+    python3 -c "import json; r = json.load(open('$OUT/$name.json'))[0]; print('$name', {k: round(r[k], 1) for k in
+        ('output_tok_per_s', 'ttft_p50_ms', 'itl_p50_ms', 'itl_p99_ms')}, 'errors', r['errors'])"
+    python3 scripts/step_trace.py "$OUT/$name.trace.jsonl" | grep -E "respond \(server\)|gaps between"
+}
+run quiet-a "$COPY"; run plain-a "$PWD"; run quiet-b "$COPY"; run plain-b "$PWD"
