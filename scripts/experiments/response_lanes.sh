@@ -16,9 +16,10 @@ cd "$(dirname "$0")/../.."
 OUT=$(mkdir -p "${1:?usage: response_lanes.sh OUTDIR}" && cd "$1" && pwd)
 COPY=$(mktemp -d)/tree
 PTH=$(python3 -c 'import site; print(site.getsitepackages()[0])')/kubrick-src.pth  # where the stub finds kubrick
-git worktree add -q --detach "$COPY" HEAD
-trap 'echo "$PWD" > "$PTH"; git worktree remove --force "$COPY"' EXIT
-git -C "$COPY" apply "$PWD/scripts/experiments/response_lanes.patch" || exit 1
+# A copy of the tree as it is (not a git worktree: the GPU machine's checkout may have no history of this commit).
+mkdir -p "$COPY" && cp -r kubrick triton scripts pyproject.toml "$COPY"/
+trap 'echo "$PWD" > "$PTH"; rm -rf "$(dirname "$COPY")"' EXIT
+(cd "$COPY" && git apply "$OLDPWD/scripts/experiments/response_lanes.patch") || exit 1
 echo "$COPY" > "$PTH"
 [ -f .gpus/vocab/o200k_base.tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.gpus/vocab
 export KUBRICK_MAX_BATCH=128 KUBRICK_STEP_TOKENS=512
