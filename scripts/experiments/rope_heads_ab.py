@@ -14,11 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 
-import bench_engine  # noqa: E402
-import bench_kernels  # noqa: E402
+import bench_engine
+import bench_kernels
 
-from kubrick.engine.fast_model import GraphedFastTransformer  # noqa: E402
-from kubrick.engine.kernels import rope  # noqa: E402
+from kubrick.engine.fast_model import GraphedFastTransformer
+from kubrick.engine.kernels import rope
 
 config, weights = bench_kernels.random_20b_weights()
 model = GraphedFastTransformer(config, weights)
