@@ -108,7 +108,7 @@ def serve_command(
     metrics_port: int = typer.Option(8002, "--metrics-port", metavar="PORT", help="Prometheus metrics port."),
     host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     model_repository: Optional[Path] = typer.Option(None, "--model-repository", metavar="PATH", help="Triton model repository; default: the one shipped with kubrick."),
-    kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", metavar="FRACTION|SIZE", help="KV-cache memory: a fraction of free GPU memory after the weights, such as 0.9, or a size, such as 8GiB \\[env KUBRICK_KV_CACHE_MEMORY; default 0.9 on a GPU, 256MiB on a CPU]"),
+    kv_cache_memory: Optional[str] = typer.Option(None, "--kv-cache-memory", metavar="FRACTION|SIZE", help="KV-cache memory: a fraction of free GPU memory after the weights and CUDA graphs, such as 0.9, or a size, such as 8GiB \\[env KUBRICK_KV_CACHE_MEMORY; default 0.9 on a GPU, 256MiB on a CPU]"),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", metavar="N", help="Most sequences in one batched step \\[env KUBRICK_MAX_BATCH; default 64]"),
     step_tokens: Optional[int] = typer.Option(None, "--step-tokens", metavar="N", help="Most tokens (decode + prefill) in one batched step, which bounds its time; at least --max-batch + 16 \\[env KUBRICK_STEP_TOKENS; default 512]"),
 ) -> None:

@@ -27,7 +27,7 @@ def test_serve_help_shows_the_environment_variables_and_defaults():
 def test_serve_help_shows_the_engine_batching_settings():
     text = re.sub(r"[│\s]+", " ", run_kubrick("serve", "--help").stdout)  # rows may wrap inside the box
     assert "--kv-cache-memory FRACTION|SIZE" in text
-    assert "a fraction of free GPU memory after the weights, such as 0.9, or a size, such as 8GiB" in text
+    assert "a fraction of free GPU memory after the weights and CUDA graphs, such as 0.9, or a size, such as 8GiB" in text
     assert "[env KUBRICK_KV_CACHE_MEMORY; default 0.9 on a GPU, 256MiB on a CPU]" in text
     assert "--max-batch N" in text and "[env KUBRICK_MAX_BATCH; default 64]" in text
     assert "--step-tokens N" in text and "[env KUBRICK_STEP_TOKENS; default 512]" in text

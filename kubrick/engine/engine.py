@@ -9,6 +9,7 @@ it shares with it (see `_prefill`).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -81,20 +82,28 @@ def parse_kv_cache_memory(setting: str | float) -> tuple[str, float | int]:
     )
 
 
-def kv_cache_budget(setting: str | float | None, device: torch.device) -> int:
-    """Bytes for the paged KV cache. setting: a fraction (0 < f <= 1) of the memory free now (on a GPU,
-    after the weights), or a size such as 512MiB or 2GiB; default 0.9 on a GPU, 256 MiB on a CPU."""
+def kv_cache_fraction(setting: str | float | None, device: torch.device) -> float | None:
+    """The fraction of free memory the KV-cache setting asks for, or None when it names a size."""
     raw = setting if setting is not None else os.environ.get("KUBRICK_KV_CACHE_MEMORY")
     if raw is None or raw == "":
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0] * DEFAULT_GPU_FRACTION)
-        return DEFAULT_CPU_BYTES
+        return DEFAULT_GPU_FRACTION if device.type == "cuda" else None
     kind, amount = parse_kv_cache_memory(raw)
-    if kind == "bytes":
-        return int(amount)
+    return amount if kind == "fraction" else None
+
+
+def kv_cache_budget(setting: str | float | None, device: torch.device, held_back: int = 0) -> int:
+    """Bytes for the paged KV cache. setting: a fraction (0 < f <= 1) of the memory free now (on a GPU, after
+    the weights, less `held_back`: what the CUDA graphs will take), or a size such as 512MiB or 2GiB; default
+    0.9 on a GPU, 256 MiB on a CPU."""
+    raw = setting if setting is not None else os.environ.get("KUBRICK_KV_CACHE_MEMORY")
+    if (raw is None or raw == "") and device.type != "cuda":
+        return DEFAULT_CPU_BYTES
+    fraction = kv_cache_fraction(setting, device)
+    if fraction is None:
+        return int(parse_kv_cache_memory(raw)[1])
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] * amount)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * amount)
+        return int(max(0, torch.cuda.mem_get_info(device)[0] - held_back) * fraction)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * fraction)
 
 
 def _validated(params: SamplingParams) -> SamplingParams:
@@ -163,40 +172,71 @@ class Engine:
         # The scheduler batches requests over the paged cache for models that read it (both do; a model
         # without forward_batch would be served one request at a time through generate()).
         self.paged: PagedKVCache | None = None
+        self.graph_bytes = 0  # GPU memory the CUDA graphs of batched steps take (measured; 0 without graphs)
         if hasattr(self.model, "forward_batch"):
-            self.paged = self._new_paged_cache(kv_cache_budget(kv_cache_memory, self.torch_device))
+            graphed = hasattr(self.model, "capture_paged") and self.torch_device.type == "cuda"
+            if graphed and kv_cache_fraction(kv_cache_memory, self.torch_device) is not None:
+                self.graph_bytes = self._measure_graphs()
+            self.paged = self._new_paged_cache(kv_cache_budget(kv_cache_memory, self.torch_device, self.graph_bytes))
             self.paged.prefix_reuse = not switched_off("KUBRICK_PREFIX_CACHE")
-            if hasattr(self.model, "capture_paged"):  # decode steps replay CUDA graphs; no request pays for them
-                self.model.capture_paged(self.paged, self.paged.blocks_needed(context_length), self.max_batch,
-                                         self.step_tokens)
+            if graphed:  # decode steps replay CUDA graphs; no request pays for them
+                self._capture(self.paged)
             log.info("%s", self.kv_cache_description())
 
+    def _capture(self, cache: PagedKVCache) -> None:
+        self.model.capture_paged(cache, cache.blocks_needed(self.context_length), self.max_batch, self.step_tokens)
+
+    def _measure_graphs(self) -> int:
+        """Bytes the CUDA graphs of batched steps take (their static buffers and pools, and what their warm-up
+        leaves cached), measured by capturing them once over a small cache: they do not depend on the cache's
+        size, so the real cache is then sized from the memory left after weights and graphs."""
+        device = self.torch_device
+        torch.cuda.synchronize(device)
+        free = torch.cuda.mem_get_info(device)[0]
+        probe = self._paged_cache_of(max(64, 2 * -(-self.context_length // self.block_size)))  # room to warm up
+        try:
+            self._capture(probe)
+            torch.cuda.synchronize(device)
+            used = free - torch.cuda.mem_get_info(device)[0] - probe.nbytes()
+        finally:
+            self.model.release_paged()
+            del probe
+            gc.collect()
+            torch.cuda.empty_cache()
+        return max(0, used)
+
+    def _window_blocks(self) -> int:
+        """Window-layer blocks for max_batch sequences (twice over, so finished prompts stay cached)."""
+        span = -(-(self.config.sliding_window + self.step_tokens) // self.block_size) + 1
+        return 2 * self.max_batch * span
+
     def _new_paged_cache(self, budget: int) -> PagedKVCache:
-        """Window-layer blocks for max_batch sequences (twice over, so finished prompts stay cached), the rest
-        of the budget in full-attention blocks."""
+        """The window-layer blocks (_window_blocks), the rest of the budget in full-attention blocks."""
         c, bs = self.config, self.block_size
         sliding = sum(c.is_sliding(n) for n in range(c.num_hidden_layers))
         full_bytes = PagedKVCache.block_bytes(c.num_hidden_layers - sliding, c.num_key_value_heads, c.head_dim, bs)
         window_bytes = PagedKVCache.block_bytes(sliding, c.num_key_value_heads, c.head_dim, bs)
-        span = -(-(c.sliding_window + self.step_tokens) // bs) + 1
-        window_blocks = 2 * self.max_batch * span
-        full_blocks = (budget - window_blocks * window_bytes) // max(full_bytes, 1)
+        full_blocks = (budget - self._window_blocks() * window_bytes) // max(full_bytes, 1)
         if full_blocks < 1:
             raise EngineError(
                 f"a KV-cache budget of {budget / 2**20:.0f} MiB is too small for {self.max_batch} sequences of "
                 f"{self.step_tokens}-token steps; raise --kv-cache-memory or lower KUBRICK_MAX_BATCH/KUBRICK_STEP_TOKENS"
             )
-        return self.model.new_paged_cache(int(full_blocks), window_blocks, bs)
+        return self._paged_cache_of(int(full_blocks))
+
+    def _paged_cache_of(self, full_blocks: int) -> PagedKVCache:
+        return self.model.new_paged_cache(full_blocks, self._window_blocks(), self.block_size)
 
     def kv_cache_description(self) -> str:
         """One line for the log: how many tokens the paged KV cache holds and its size."""
         if self.paged is None:
             return f"KV cache: one sequence of {self.context_length} tokens ({self.cache.nbytes() / 2**20:.0f} MiB)"
         p = self.paged
+        graphs = f"; sized after the CUDA graphs' {self.graph_bytes / 2**20:.0f} MiB" if self.graph_bytes else ""
         return (
             f"paged KV cache: {p.capacity_tokens()} tokens in {p.full_pool.num_blocks} blocks of {p.block_size} "
             f"+ {p.window_pool.num_blocks} sliding-window blocks, {p.nbytes() / 2**20:.0f} MiB; batches of up to "
-            f"{self.max_batch} sequences, {self.step_tokens} tokens a step"
+            f"{self.max_batch} sequences, {self.step_tokens} tokens a step{graphs}"
         )
 
     def prepare(self, messages: list[Message], params: SamplingParams) -> tuple[list[int], SamplingParams]:

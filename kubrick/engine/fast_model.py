@@ -404,6 +404,10 @@ class GraphedFastTransformer(FastTransformer):
             self._compile_mixed_steps(cache)
             self._load_tail_kernels(max_batch)
 
+    def release_paged(self) -> None:
+        """Drop the graphs of continuous batching (their memory pools go back to the caching allocator)."""
+        self.paged_decoder = self.mixed_graphs = None
+
     def _load_tail_kernels(self, rows: int) -> None:
         """Run a step's eager tail (final norm, unembedding, float32 copy, argmax) once at every row count up to
         `rows`. cuBLAS picks its kernel by the row count, and CUDA loads a kernel's module at its first launch

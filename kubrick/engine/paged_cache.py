@@ -32,7 +32,7 @@ import torch
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_BYTES = 256 * 2**20  # on a CPU the cache gets a fixed budget (no free-memory probe to size it by)
-DEFAULT_GPU_FRACTION = 0.9  # of the GPU memory still free after the weights
+DEFAULT_GPU_FRACTION = 0.9  # of the GPU memory still free after the weights and CUDA graphs
 
 
 class CacheFull(Exception):

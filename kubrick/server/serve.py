@@ -36,7 +36,7 @@ class ServeOptions:
     step_tokens: int | None = None
 
 
-KV_CACHE_FORMS = "a fraction of free GPU memory after the weights (0 < f <= 1, such as 0.9) or a size (such as 512MiB or 8GiB)"
+KV_CACHE_FORMS = "a fraction of free GPU memory after the weights and CUDA graphs (0 < f <= 1, such as 0.9) or a size (such as 512MiB or 8GiB)"
 
 
 class _Stop(Exception):

@@ -51,3 +51,21 @@ def test_kernel_engine_batches_concurrent_requests_over_the_paged_cache(tiny_ori
     assert steps["batched"] >= 2  # requests really ran side by side
     assert steps["chained"] >= 5  # greedy decode steps were queued behind each other
     assert engine.paged.full_pool.referenced() == 0  # every block given back (prefix blocks stay cached, unreferenced)
+
+
+def test_the_kv_cache_is_sized_from_the_memory_left_after_weights_and_graphs(tiny_original, monkeypatch):
+    # --kv-cache-memory 0.5: half of what the weights and the CUDA graphs leave free. The graphs are measured by
+    # capturing them once over a small cache; were they not counted, the cache would take half of the memory
+    # free after the weights and leave the graphs' share less than that free (free − cache = −graphs).
+    from kubrick.engine.engine import Engine
+
+    monkeypatch.delenv("KUBRICK_ENGINE_IMPL", raising=False)
+    engine = Engine(tiny_original, device="cuda", context_length=256, kv_cache_memory=0.5, max_batch=8,
+                    step_tokens=64)
+    torch.cuda.synchronize()
+    free = torch.cuda.mem_get_info()[0]
+    graphs, cache = engine.graph_bytes, engine.paged.nbytes()
+    assert graphs > 64 * 2**20  # the graphs' pools and the eager steps' workspaces of 8-row and 64-row steps
+    assert abs(free - cache) < graphs / 2, (free, cache, graphs)
+    assert f"sized after the CUDA graphs' {graphs / 2**20:.0f} MiB" in engine.kv_cache_description()
+    assert engine.model.paged_decoder.cache is engine.paged  # the graphs replay over the real cache

@@ -241,3 +241,20 @@ def test_the_implementation_comes_from_the_argument_or_kubrick_engine_impl(tiny_
     with pytest.raises(EngineError, match="unknown engine implementation 'turbo' \\(KUBRICK_ENGINE_IMPL\\); use reference or triton"):
         Engine(tiny_original, context_length=128)
     assert Engine(tiny_original, context_length=128, implementation="reference").implementation == "reference"
+
+
+def test_a_kv_cache_fraction_applies_to_the_memory_the_graphs_leave(monkeypatch):
+    # On a GPU the engine measures its CUDA graphs first (Engine._measure_graphs) and holds their bytes back:
+    # the fraction is of what weights and graphs leave free; a size is a size.
+    from kubrick.engine import engine as engine_module
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.delenv("KUBRICK_KV_CACHE_MEMORY", raising=False)
+    cuda = torch.device("cuda", 0)
+    assert engine_module.kv_cache_budget("0.5", cuda, held_back=2 * gib) == 4 * gib
+    assert engine_module.kv_cache_budget(None, cuda, held_back=2 * gib) == int(8 * gib * 0.9)
+    assert engine_module.kv_cache_budget("2GiB", cuda, held_back=2 * gib) == 2 * gib
+    assert engine_module.kv_cache_budget("0.5", cuda, held_back=11 * gib) == 0  # (then "too small", at once)
+    assert engine_module.kv_cache_fraction("2GiB", cuda) is None and engine_module.kv_cache_fraction(None, cuda) == 0.9
+    assert engine_module.kv_cache_fraction(None, torch.device("cpu")) is None  # 256 MiB on a CPU

@@ -303,7 +303,7 @@ def test_a_bad_device_from_the_environment_names_the_variable(clean_env, monkeyp
 
 # The engine's batching settings: --kv-cache-memory, --max-batch, --step-tokens
 
-KV_CACHE_FORMS = ("a fraction of free GPU memory after the weights (0 < f <= 1, such as 0.9) "
+KV_CACHE_FORMS = ("a fraction of free GPU memory after the weights and CUDA graphs (0 < f <= 1, such as 0.9) "
                   "or a size (such as 512MiB or 8GiB)")
 
 
