@@ -6,9 +6,13 @@
 #
 #   scripts/bench_serving_gpu.sh OUTDIR
 #
-# OUTDIR receives (7 files): gpu.txt (nvidia-smi), log.txt (every step's output), serving.md (both tables, with
-# their commands), serving.json (per-level figures), server-serving.log, server-multiturn-reuse-on.log and
-# server-multiturn-reuse-off.log (the tritonserver logs).
+# Then, with what the budget leaves, the steady state: one level of STEADY clients (default 64) sending 6 requests
+# each, where a 2-request level spends a large share of its time reading everyone's first prompt at once and
+# waiting for its last clients (BENCHMARKS.md run 42); STEADY=0 skips it.
+#
+# OUTDIR receives (9 files): gpu.txt (nvidia-smi), log.txt (every step's output), serving.md (the three tables,
+# with their commands), serving.json and steady.json (per-level figures), server-serving.log,
+# server-multiturn-reuse-on.log, server-multiturn-reuse-off.log and server-steady.log (the tritonserver logs).
 #
 # The machine has no network: the carried folder .gpus/ holds the wheels (nvidia-pytriton 0.7.0 with the
 # tritonserver binary, numpy 1.26.4, openai-harmony, pydantic, ...) and vocab/o200k_base.tiktoken(.gz);
@@ -20,7 +24,8 @@
 # Knobs (environment): KUBRICK_MAX_BATCH (default here 128, so the 128 level really batches 128),
 # KUBRICK_STEP_TOKENS (default here 512, the engine default: it bounds the inter-token gap), KUBRICK_KV_CACHE_MEMORY (engine default unless set), CONCURRENCY
 # (default 1,8,32,64,128), REQUESTS (per client, default 2), MAX_TOKENS (caps the mix's 128/256/512, default 512),
-# TURNS (default 6), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET (seconds, default 530),
+# TURNS (default 6), STEADY (default 64), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET
+# (seconds, default 530),
 # SERVER_CPUS (e.g. 0,1: the servers run on those CPUs only, a slow host on purpose; bench_serving.py --server-cpus),
 # TEMPERATURE (default 0, greedy; 1 is kubrick's default, drawn on the GPU by kernels/sampling.py).
 # For a dry run on a CPU machine (an existing tiny checkpoint: a CKPT that does not exist gets a 14 GB 20b one):
@@ -36,6 +41,7 @@ CKPT=${CKPT:-/tmp/ck20}
 CONCURRENCY=${CONCURRENCY:-1,8,32,64,128}
 REQUESTS=${REQUESTS:-2}
 TURNS=${TURNS:-6}
+STEADY=${STEADY:-64}
 MAX_TOKENS=${MAX_TOKENS:-512}
 TEMPERATURE=${TEMPERATURE:-0}
 DEVICE=${DEVICE:-cuda:0}
@@ -86,8 +92,9 @@ else
     step "random gpt-oss-20b checkpoint" 150 "$PYTHON" -m kubrick.cli make-checkpoint "$CKPT" --preset 20b
 fi
 
-# The multi-turn run needs two server starts and 12 short requests: keep 180 s for it.
-serving=$(($(left) - 180))
+# The multi-turn run needs two server starts and 12 short requests: keep 180 s for it (and 60 s for the steady
+# state, which takes what the others leave).
+serving=$(($(left) - 180 - 60))
 [ "$serving" -gt 300 ] && serving=300
 pin=()
 [ -n "${SERVER_CPUS:-}" ] && pin=(--server-cpus "$SERVER_CPUS")
@@ -96,8 +103,15 @@ step "serving, concurrency $CONCURRENCY" "$serving" "$PYTHON" scripts/bench_serv
     --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" "${pin[@]}" \
     --record "$OUT/serving.md" --json "$OUT/serving.json" --server-log "$OUT/server-serving.log"
 
-step "multi-turn, prefix reuse on then off" "$(($(left) - 10))" "$PYTHON" scripts/bench_multiturn.py \
+step "multi-turn, prefix reuse on then off" "$(($(left) - 70))" "$PYTHON" scripts/bench_multiturn.py \
     --checkpoint "$CKPT" --device "$DEVICE" --context-length 4096 --turns "$TURNS" "${pin[@]}" \
     --record "$OUT/serving.md" --server-log "$OUT/server-multiturn.log"
+
+if [ "$STEADY" != 0 ]; then
+    step "steady state, $STEADY clients of 6 requests" "$(($(left) - 5))" "$PYTHON" scripts/bench_serving.py \
+        --checkpoint "$CKPT" --device "$DEVICE" --context-length 4096 --concurrency "$STEADY" --requests 6 \
+        --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" "${pin[@]}" \
+        --record "$OUT/serving.md" --json "$OUT/steady.json" --server-log "$OUT/server-steady.log"
+fi
 
 echo "=== done ($(date -u +%T), ${SECONDS}s)" | tee -a "$LOG"
