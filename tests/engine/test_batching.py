@@ -185,6 +185,56 @@ def test_requests_that_leave_mid_chain_do_not_break_it(engine, scheduler):
     assert engine.paged.usage() == 0
 
 
+def test_a_request_that_reaches_the_context_mid_chain_gets_every_token_the_context_holds(tiny_original):
+    # Its last pick is fed at the context's last position by the step queued behind: admission reserved it.
+    engine = make_engine(tiny_original, context_length=160)
+    long_prompt, short_prompt = ask("word " * 40), ask("Name a river.")
+    alone = run_alone(engine, long_prompt, SamplingParams(temperature=0, max_tokens=500))
+    fed_on_device = []
+    real = engine.forward_batch
+
+    def recording(segments, device_tokens=None):
+        fed_on_device.append(device_tokens is not None)
+        return real(segments, device_tokens=device_tokens)
+
+    engine.forward_batch = recording
+    scheduler = Scheduler(engine)
+    try:
+        short, long = Reply(), Reply()
+        scheduler.submit(short_prompt, SamplingParams(temperature=0, max_tokens=500), short)
+        scheduler.submit(long_prompt, SamplingParams(temperature=0, max_tokens=500), long)
+        assert short.done.wait(120) and long.done.wait(120)
+    finally:
+        scheduler.stop()
+        del engine.forward_batch
+    for reply in (short, long):
+        assert isinstance(reply.last, Finished) and reply.last.reason == "length"
+        assert reply.last.usage.prompt_tokens + reply.last.usage.completion_tokens == 160
+    assert long.text == alone.text  # the same tokens as alone, up to the context's end
+    first = fed_on_device.index(True)
+    assert all(fed_on_device[first:]), fed_on_device  # the long request leaving did not break the chain
+    assert engine.paged.usage() == 0
+
+
+def test_admission_promises_room_for_every_token_a_request_may_feed_its_last_pick_included(tiny_original):
+    # A chained step may feed a request's last pick before it is read, so a request needs prompt + max_tokens
+    # positions, not one fewer: with 12 blocks (192 positions) one that needs exactly 192 runs to its end, and
+    # one that needs 193 is told at once that it can never fit (rather than failing at its last token).
+    engine = make_engine(tiny_original, max_batch=2, step_tokens=32, kv_cache_memory=_budget(tiny_original, 12, 2, 32))
+    prompt = len(engine.prepare(ask("hi"), SamplingParams())[0])
+    fits, too_big = Reply(), Reply()
+    scheduler = Scheduler(engine)
+    try:
+        scheduler.submit(ask("hi"), SamplingParams(temperature=0, max_tokens=12 * BLOCK - prompt), fits)
+        scheduler.submit(ask("hi"), SamplingParams(temperature=0, max_tokens=12 * BLOCK - prompt + 1), too_big)
+        assert fits.done.wait(120) and too_big.done.wait(120)
+    finally:
+        scheduler.stop()
+    assert isinstance(fits.last, Finished) and fits.last.reason in ("length", "stop")
+    assert isinstance(too_big.last, InvalidRequest) and f"needs room for {12 * BLOCK + 1} tokens" in str(too_big.last)
+    assert engine.paged.usage() == 0
+
+
 def test_a_draw_that_breaks_ends_its_step_s_requests_with_a_reason_and_the_next_request_is_served(
         engine, scheduler, monkeypatch):
     import kubrick.engine.scheduler as scheduler_module
