@@ -93,8 +93,16 @@ else
 fi
 
 # The multi-turn run needs two server starts and 12 short requests: keep 180 s for it (and 60 s for the steady
-# state, which takes what the others leave).
-serving=$(($(left) - 180 - 60))
+# state, which takes what the others leave, unless that would starve the levels: then it is skipped).
+serving=$(($(left) - 180))
+if [ "$STEADY" != 0 ]; then
+    if [ "$serving" -ge 210 ]; then
+        serving=$((serving - 60))
+    else
+        echo "=== the steady state skipped: only ${serving}s of the budget for the levels" | tee -a "$LOG"
+        STEADY=0
+    fi
+fi
 [ "$serving" -gt 300 ] && serving=300
 pin=()
 [ -n "${SERVER_CPUS:-}" ] && pin=(--server-cpus "$SERVER_CPUS")
@@ -103,7 +111,7 @@ step "serving, concurrency $CONCURRENCY" "$serving" "$PYTHON" scripts/bench_serv
     --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" "${pin[@]}" \
     --record "$OUT/serving.md" --json "$OUT/serving.json" --server-log "$OUT/server-serving.log"
 
-step "multi-turn, prefix reuse on then off" "$(($(left) - 70))" "$PYTHON" scripts/bench_multiturn.py \
+step "multi-turn, prefix reuse on then off" "$(($(left) - (STEADY == 0 ? 10 : 70)))" "$PYTHON" scripts/bench_multiturn.py \
     --checkpoint "$CKPT" --device "$DEVICE" --context-length 4096 --turns "$TURNS" "${pin[@]}" \
     --record "$OUT/serving.md" --server-log "$OUT/server-multiturn.log"
 
