@@ -6,6 +6,7 @@ other streams."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -157,26 +158,33 @@ def test_queueing_each_step_behind_the_last_changes_no_reply(engine):
     assert engine.paged.usage() == 0
 
 
+@contextlib.contextmanager
+def steps_fed_on_device(engine):
+    """While inside: for each engine step in order, whether it was fed the last step's picks on the device
+    (a chained step)."""
+    fed, real = [], engine.forward_batch
+
+    def recording(segments, device_tokens=None):
+        fed.append(device_tokens is not None)
+        return real(segments, device_tokens=device_tokens)
+
+    engine.forward_batch = recording
+    try:
+        yield fed
+    finally:
+        del engine.forward_batch
+
+
 def test_requests_that_leave_mid_chain_do_not_break_it(engine, scheduler):
     # Each step is queued behind the last before its picks are read. When a pick in flight was a request's last
     # (max_tokens), the chain used to stop: the GPU then idled while the host read the picks, planned and
     # launched, at every request's end (a step in five at 64 streams). Now that last pick is fed and its row
     # dropped, and the next step leaves the request out.
-    fed_on_device = []
-    real = engine.forward_batch
-
-    def recording(segments, device_tokens=None):
-        fed_on_device.append(device_tokens is not None)
-        return real(segments, device_tokens=device_tokens)
-
-    engine.forward_batch = recording
-    try:
+    with steps_fed_on_device(engine) as fed_on_device:
         replies = [Reply() for _ in range(3)]
         for max_tokens, reply in zip((40, 9, 4), replies):  # the longest first: it runs while the others leave
             scheduler.submit(ask("Name a river."), SamplingParams(temperature=0, max_tokens=max_tokens), reply)
         assert all(r.done.wait(120) for r in replies)
-    finally:
-        del engine.forward_batch
     assert [r.last.usage.completion_tokens for r in replies if r.last.reason == "length"] == [
         n for n, r in zip((40, 9, 4), replies) if r.last.reason == "length"]
     first = fed_on_device.index(True)
@@ -190,23 +198,15 @@ def test_a_request_that_reaches_the_context_mid_chain_gets_every_token_the_conte
     engine = make_engine(tiny_original, context_length=160)
     long_prompt, short_prompt = ask("word " * 40), ask("Name a river.")
     alone = run_alone(engine, long_prompt, SamplingParams(temperature=0, max_tokens=500))
-    fed_on_device = []
-    real = engine.forward_batch
-
-    def recording(segments, device_tokens=None):
-        fed_on_device.append(device_tokens is not None)
-        return real(segments, device_tokens=device_tokens)
-
-    engine.forward_batch = recording
     scheduler = Scheduler(engine)
     try:
-        short, long = Reply(), Reply()
-        scheduler.submit(short_prompt, SamplingParams(temperature=0, max_tokens=500), short)
-        scheduler.submit(long_prompt, SamplingParams(temperature=0, max_tokens=500), long)
-        assert short.done.wait(120) and long.done.wait(120)
+        with steps_fed_on_device(engine) as fed_on_device:
+            short, long = Reply(), Reply()
+            scheduler.submit(short_prompt, SamplingParams(temperature=0, max_tokens=500), short)
+            scheduler.submit(long_prompt, SamplingParams(temperature=0, max_tokens=500), long)
+            assert short.done.wait(120) and long.done.wait(120)
     finally:
         scheduler.stop()
-        del engine.forward_batch
     for reply in (short, long):
         assert isinstance(reply.last, Finished) and reply.last.reason == "length"
         assert reply.last.usage.prompt_tokens + reply.last.usage.completion_tokens == 160
