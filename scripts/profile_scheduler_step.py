@@ -7,11 +7,13 @@ Prints, for one sequence on the Engine the server runs (kernel engine, paged KV 
     pinned copy queued behind its argmax): host launch time, wait, and the step period;
   - the real Scheduler on one greedy request, instrumented: the spacing of its steps and the host time of
     each part of its loop;
+  - with --streams N instead: N greedy requests at once, the engine thread's own time by function (cProfile);
   - a mixed step (a 448-token prompt chunk joining 64 decoding streams, run eagerly): its wall time and where
     the host's time goes in it (cProfile, by each function's own time).
 The step period should equal the replay time: then the host's work is hidden behind the GPU's.
 
     python3 scripts/profile_scheduler_step.py --checkpoint /tmp/ck20      # a gpt-oss checkpoint folder
+    python3 scripts/profile_scheduler_step.py --checkpoint /tmp/ck20 --streams 64   # the engine thread at 64 streams
 """
 
 from __future__ import annotations
@@ -122,6 +124,52 @@ def instrumented_scheduler(engine: Engine, max_tokens: int = 400) -> None:
         print(f"  {name:<22} {seconds * 1e3 / len(starts):.3f} ms")
 
 
+def many_streams(engine: Engine, streams: int, max_tokens: int = 300, seconds: float = 2.0) -> None:
+    """`streams` greedy requests at once through the real Scheduler: once every one is decoding, the engine
+    thread's own time by function for `seconds` (cProfile of its loop iterations: the host work a decode step of
+    that many streams costs, which the server's response thread waits on for the interpreter lock)."""
+    scheduler = Scheduler(engine)
+    profiler, on, iterations = cProfile.Profile(), threading.Event(), [0]
+    real = scheduler._iteration
+
+    def iteration():
+        if not on.is_set():
+            return real()
+        iterations[0] += 1
+        return profiler.runcall(real)
+
+    scheduler._iteration = iteration
+    finished, texts = [], collections.Counter()
+
+    def on_event(i):
+        def call(event):
+            if isinstance(event, Finished):
+                finished.append(event)
+            else:
+                texts[i] += 1
+        return call
+
+    try:
+        for i in range(streams):
+            scheduler.submit([Message("user", f"Tell me story number {i}")],
+                             SamplingParams(temperature=0, max_tokens=max_tokens), on_event(i))
+        deadline = time.time() + 60
+        while len(texts) < streams and time.time() < deadline:  # every stream has its first text
+            time.sleep(0.01)
+        on.set()
+        start = time.perf_counter()
+        time.sleep(seconds)
+        on.clear()
+        wall = time.perf_counter() - start
+    finally:
+        scheduler.stop()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    print(f"{streams} streams: {iterations[0]} engine iterations in {wall:.2f} s ({wall / max(iterations[0], 1) * 1e3:.2f} "
+          "ms each); the engine thread's time by function (under cProfile):")
+    print("\n".join(line for line in out.getvalue().splitlines()[4:] if line.strip()))
+
+
 def mixed_step(engine: Engine, batch: int = 64, chunk: int = 448, runs: int = 5) -> None:
     cache = engine.paged
     seqs = [cache.admit(list(range(1000 + i, 1128 + i)), 256, engine.step_tokens) for i in range(batch)]
@@ -159,10 +207,14 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--context-length", type=int, default=4096)
+    parser.add_argument("--streams", type=int, help="only the many-streams profile, with this many requests at once")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_scheduler_step: needs a CUDA GPU")
     engine = Engine(args.checkpoint, device=args.device, context_length=args.context_length)
+    if args.streams:
+        many_streams(engine, args.streams)
+        return 0
     decoder = engine.model.paged_decoder
     print(f"bucket-1 graph replay: {gpu_ms(lambda: decoder.graphs[1].replay()):.3f} ms "
           f"(table width {decoder.max_blocks} blocks)")
