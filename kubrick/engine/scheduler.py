@@ -451,11 +451,6 @@ class Scheduler:
         if pending:
             self._traced("deliver", started, n=len(pending))
 
-    @property
-    def trace(self) -> StepTrace | None:
-        """The step trace (KUBRICK_STEP_TRACE), for the server's own events; None when tracing is off."""
-        return self._trace
-
     def _traced(self, ev: str, started: float, **fields) -> None:
         if self._trace is not None:
             self._trace.add(ev, started, **fields)

@@ -11,7 +11,8 @@ Set KUBRICK_STEP_TRACE to a file path and the engine thread appends one JSON lin
   {"ev": "compile", "t": start, "ms": time, "kernel": name}: Triton compiling (or loading from its disk cache)
       a kernel for arguments it has not seen in this process, in whatever step needed it
   {"ev": "respond", "t": start, "ms": time sending, "n": responses sent}: the Triton model's response thread
-      taking what the engine delivered and sending it to the clients (another thread: add() takes a lock)
+      taking what the engine delivered and sending it to the clients (written by the model's process, beside the
+      engine process's events; perf_counter is one clock for both on Linux)
 t is time.perf_counter() in seconds. Lines are buffered and written every 512 events and when the scheduler
 stops, so tracing costs the engine thread a few microseconds an event. `scripts/step_trace.py FILE` summarises.
 A path that cannot be written turns tracing off with one warning: a diagnostic must never fail a request.
@@ -118,8 +119,8 @@ class StepTrace:
         if self.path is None:
             return
         try:
-            with self.path.open("a") as out:
-                out.writelines(json.dumps(e) + "\n" for e in events)
+            with self.path.open("a") as out:  # one write: the engine process and the server's append to one file
+                out.write("".join(json.dumps(e) + "\n" for e in events))
         except OSError as err:
             log.warning("KUBRICK_STEP_TRACE: cannot write %s (%s); the step trace is off", self.path,
                         err.strerror or err)

@@ -1,14 +1,16 @@
 """llm_decoupled: the Triton model that adapts requests to the Kubrick engine (a thin adapter, nothing more).
 
-`execute` parses each request and hands it to the engine's scheduler, then returns None (decoupled model).
-The scheduler delivers events on its own thread into an outbox; one response thread turns them into
-responses: each `text_output` is one JSON event, {"type": "reasoning"|"chunk"|"complete"|"error", …}, and the
-last one carries the FINAL flag. A client that goes away (`response_sender.is_cancelled()`) cancels its request
-in the engine. Custom Prometheus metrics are published beside Triton's own.
+The engine runs in a process of its own (kubrick/server/engine_process.py: one GIL for the engine thread, another
+for the sends). `execute` parses each request and hands it to that process, then returns None (decoupled model).
+The engine's events come back a step at a time into an outbox; one response thread turns them into responses:
+each `text_output` is one JSON event, {"type": "reasoning"|"chunk"|"complete"|"error", …}, and the last one
+carries the FINAL flag. A client that goes away (`response_sender.is_cancelled()`) cancels its request in the
+engine. Custom Prometheus metrics are published beside Triton's own.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -28,7 +30,8 @@ from kubrick.engine.api import (
     parse_messages,
     parse_params,
 )
-from kubrick.engine.scheduler import RequestHandle, Scheduler
+from kubrick.engine.step_trace import StepTrace
+from kubrick.server.engine_process import EngineProcess
 from kubrick.server.outbox import CANCEL_POLL_S, cancel_poll_interval, coalesced, drain
 
 GAUGES_EVERY_S = 0.05  # how often the running/waiting/KV-cache gauges are refreshed (IPC, and a walk over the batch)
@@ -38,12 +41,13 @@ TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 @dataclass
 class Pending:
-    """A request in flight: where its responses go and the engine's handle for it."""
+    """A request in flight: where its responses go and its id in the engine (None: it never reached it)."""
 
     sender: object
-    handle: RequestHandle | None = None
+    request_id: int | None = None
     client_left: bool = False
     checked_at: float = 0.0  # last is_cancelled() poll (time.monotonic())
+    timing: tuple | None = None  # from the engine with the last event: (time to first text, time per token)
 
 
 class Metrics:
@@ -106,8 +110,8 @@ class Metrics:
                 getattr(self, name).set(float(value))
                 self._gauges[name] = value
 
-    def record(self, handle: RequestHandle, outcome: object) -> None:
-        """Count a finished request."""
+    def record(self, outcome: object, timing: tuple | None) -> None:
+        """Count a finished request; timing: (time to first text, time per token after it), each None if unknown."""
         if not isinstance(outcome, Finished):
             self.finished["error"].increment(1)
             return
@@ -117,10 +121,11 @@ class Metrics:
             self.prompt_tokens.increment(usage.prompt_tokens)
         if usage.completion_tokens:
             self.generated_tokens.increment(usage.completion_tokens)
-        if handle.first_token_at is not None:
-            self.ttft.observe(handle.first_token_at - handle.submitted_at)
-            if usage.completion_tokens > 1 and handle.finished_at is not None:
-                self.tpot.observe((handle.finished_at - handle.first_token_at) / (usage.completion_tokens - 1))
+        ttft, tpot = timing or (None, None)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if tpot is not None:
+            self.tpot.observe(tpot)
 
 
 class TritonPythonModel:
@@ -136,25 +141,25 @@ class TritonPythonModel:
         device = settings.get("device") or os.environ.get("TRITON_DEVICE") or kind_device
         context_length = settings.get("context_length")
 
-        from kubrick.engine.engine import Engine  # heavy (torch): only the server side pays for it
-
-        self.engine = Engine.from_env(
-            checkpoint=settings.get("checkpoint") or None,
-            device=device,
-            context_length=int(context_length) if context_length else None,
+        self.engine = EngineProcess.start(
+            {"checkpoint": settings.get("checkpoint") or None, "device": device,
+             "context_length": int(context_length) if context_length else None}
         )
-        engine_version = str(getattr(self.engine, "version", "unknown"))
-        self.metrics = Metrics(self.model_name, engine_version)
-        self.scheduler = Scheduler(self.engine)
+        info = self.engine.info
+        self.metrics = Metrics(self.model_name, info["version"])
+        self.trace = StepTrace.from_env()  # KUBRICK_STEP_TRACE: the engine process writes its steps to it too
         self.outbox: queue.Queue = queue.Queue()
-        self.pending: dict[int, Pending] = {}  # touched by the response thread only
+        self.pending: dict[int, Pending] = {}  # request id -> Pending; touched by the response thread only
+        self.request_ids = itertools.count(1)
         self.gauges_at = 0.0
+        self.engine.listen(on_events=lambda events: self.outbox.put(("engine", events)),
+                           on_exit=lambda reason: self.outbox.put(("engine exited", reason)))
         self.responder = threading.Thread(target=self._respond_loop, name="kubrick-responses", daemon=True)
         self.responder.start()
         self._refresh_gauges()
         pb_utils.Logger.log_info(
-            f"{self.model_name}: engine {engine_version} on {self.engine.device}, "
-            f"context {self.engine.context_length} tokens; {self.engine.kv_cache_description()}"
+            f"{self.model_name}: engine {info['version']} on {info['device']}, "
+            f"context {info['context_length']} tokens; {info['kv_cache']}"
         )
 
     def execute(self, requests):
@@ -168,16 +173,20 @@ class TritonPythonModel:
             except Exception as err:  # never let one odd request fail the others in this batch
                 self.outbox.put((pending, EngineError(f"the server could not read this request ({err})")))
                 continue
-            pending.handle = self.scheduler.submit(
-                messages, params, on_event=lambda outcome, p=pending: self.outbox.put((p, outcome))
-            )
-            self.outbox.put((pending, None))  # register it so a client that leaves while it waits is noticed
+            pending.request_id = next(self.request_ids)
+            self.outbox.put((pending, None))  # registered before any of its events can arrive
+            try:
+                self.engine.submit(pending.request_id, messages, params)
+            except EngineError as err:  # the engine process is gone
+                self.outbox.put((pending, err))
         return None
 
     def finalize(self):
-        self.scheduler.stop()  # every request still in flight gets its last event
+        self.engine.stop()  # every request still in flight gets its last event
         self.outbox.put((None, None))
         self.responder.join(timeout=30)
+        if self.trace is not None:
+            self.trace.close()
 
     @staticmethod
     def _parse(request):
@@ -195,9 +204,9 @@ class TritonPythonModel:
         return messages, parse_params(raw)
 
     # The response thread: the only place that talks to response senders. One thread, not several: each send
-    # is a round trip to the server process (~0.1-0.3 ms at 64 streams), yet four threads sending for their own
-    # requests cost 11-32 % of the tokens a second at 64 clients, their Python contending with the engine
-    # thread for the GIL (BENCHMARKS.md run 41; scripts/experiments/response_lanes.sh).
+    # is a round trip to the server process (~0.1-0.3 ms at 64 streams); four threads sending for their own
+    # requests cost 11-32 % of the tokens a second at 64 clients when the engine shared their process and GIL
+    # (BENCHMARKS.md run 41; scripts/experiments/response_lanes.sh).
 
     def _respond_loop(self) -> None:
         while True:
@@ -208,7 +217,7 @@ class TritonPythonModel:
                 self._refresh_gauges()
                 continue
             started = time.perf_counter()
-            batch = coalesced(drain(self.outbox, first))
+            batch = coalesced(self._outcomes(drain(self.outbox, first)))
             for pending, outcome in batch:
                 if pending is None:
                     return
@@ -216,15 +225,42 @@ class TritonPythonModel:
                     self._respond(pending, outcome)
                 except Exception as err:  # one broken response must not stop the others
                     pb_utils.Logger.log_error(f"{self.model_name}: sending a response failed: {err}")
-            trace = self.scheduler.trace
-            if trace is not None:  # KUBRICK_STEP_TRACE: how long the clients' text waits on this thread
-                trace.add("respond", started, n=len(batch))
+            if self.trace is not None:  # KUBRICK_STEP_TRACE: how long the clients' text waits on this thread
+                self.trace.add("respond", started, n=len(batch))
             self._refresh_gauges()
+
+    def _outcomes(self, items: list[tuple]) -> list[tuple[Pending | None, object]]:
+        """The outbox's items as (request, outcome) pairs: registrations (outcome None) and local errors as they
+        are, the engine's events matched to their requests, and the engine's exit as an error for every one."""
+        out: list[tuple[Pending | None, object]] = []
+        for first, second in items:
+            if first == "engine":
+                for request_id, outcome, timing in second:
+                    pending = self._registered(out, request_id)
+                    if pending is not None:
+                        pending.timing = timing or pending.timing
+                        out.append((pending, outcome))
+            elif first == "engine exited":
+                pb_utils.Logger.log_error(f"{self.model_name}: {second}")
+                waiting = {id(p): p for p in self.pending.values()}
+                waiting.update({id(p): p for p, o in out if p is not None and o is None})
+                out.extend((p, EngineError(second)) for p in waiting.values())
+            else:
+                out.append((first, second))
+        return out
+
+    def _registered(self, out: list, request_id: int) -> Pending | None:
+        """The request with this id: registered earlier, or in this very batch (out) ahead of its events."""
+        pending = self.pending.get(request_id)
+        if pending is None:
+            for candidate, outcome in reversed(out):
+                if outcome is None and candidate is not None and candidate.request_id == request_id:
+                    return candidate
+        return pending
 
     def _respond(self, pending: Pending, outcome) -> None:
         if outcome is None:  # registration of a newly submitted request
-            if pending.handle is not None and not pending.handle.done:
-                self.pending[id(pending)] = pending
+            self.pending[pending.request_id] = pending
             return
         if isinstance(outcome, (ReasoningDelta, ContentDelta)):
             if not pending.client_left:
@@ -233,11 +269,9 @@ class TritonPythonModel:
                 self._check_cancelled(pending)
             return
         # A terminal event: Finished, or an error for a person.
-        self.pending.pop(id(pending), None)
-        if pending.handle is not None:
-            self.metrics.record(pending.handle, outcome)
-        else:
-            self.metrics.finished["error"].increment(1)
+        if pending.request_id is not None and self.pending.pop(pending.request_id, None) is None:
+            return  # it had ended already (an error when the engine exited, then its own last event)
+        self.metrics.record(outcome, pending.timing)
         if pending.client_left or (isinstance(outcome, Finished) and outcome.reason == "cancelled"):
             self._send(pending, None, final=True)
         elif isinstance(outcome, Finished):
@@ -273,8 +307,11 @@ class TritonPythonModel:
         pending.checked_at = now
         if pending.sender.is_cancelled():
             pending.client_left = True
-            if pending.handle is not None:
-                pending.handle.cancel()  # the engine stops before its next decode step
+            if pending.request_id is not None:
+                try:
+                    self.engine.cancel(pending.request_id)  # the engine stops before its next step
+                except EngineError:
+                    pass  # the engine is gone: the request has ended (or is about to, with that error)
 
     def _poll_cancelled(self) -> None:
         for pending in list(self.pending.values()):
@@ -285,9 +322,5 @@ class TritonPythonModel:
         if now - self.gauges_at < GAUGES_EVERY_S:
             return
         self.gauges_at = now
-        try:
-            kv = float(self.engine.kv_cache_usage())
-        except Exception:
-            kv = 0.0
-        self.metrics.set_gauges(self.scheduler.running, self.scheduler.waiting, round(kv, 4))
+        self.metrics.set_gauges(*self.engine.gauges)
 
