@@ -94,7 +94,8 @@ class EngineProcess:
 
     def listen(self, on_events: EventsCallback, on_exit: Callable[[str], None]) -> None:
         """Start taking the engine's messages: event lists go to on_events, and on_exit(reason) is called once
-        if the engine process ends before stop() (its requests will get no more events)."""
+        if the engine process ends before stop() (its requests will get no more events; reason: "the engine
+        process exited (exit code N)")."""
         self._receiver = threading.Thread(target=self._receive, args=(on_events, on_exit),
                                           name="kubrick-engine-link", daemon=True)
         self._receiver.start()
@@ -128,7 +129,7 @@ class EngineProcess:
             with self._send_lock:
                 self._conn.send(message)
         except OSError:
-            raise EngineError(self._exited or "the engine process is gone; restart the server") from None
+            raise EngineError(self._exited or "the engine process is gone") from None
 
     def _receive(self, on_events: EventsCallback, on_exit: Callable[[str], None]) -> None:
         while True:
@@ -136,7 +137,7 @@ class EngineProcess:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 code = self.process.wait()
-                self._exited = f"the engine process exited (exit code {code}); restart the server"
+                self._exited = f"the engine process exited (exit code {code})"
                 on_exit(self._exited)
                 return
             kind = message[0]

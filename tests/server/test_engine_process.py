@@ -107,16 +107,17 @@ def test_a_dead_engine_process_is_reported_and_new_requests_fail_at_once(tiny_ch
     try:
         os.kill(engine.process.pid, signal.SIGKILL)
         item = events.get(timeout=30)
-        assert item[0] == "exit" and "exit code -9" in item[1] and "restart the server" in item[1]
+        assert item == ("exit", "the engine process exited (exit code -9)")
         with pytest.raises(EngineError, match="exit code -9"):
             engine.submit(1, HELLO, SamplingParams())
     finally:
         engine.stop()
 
 
-def test_through_the_server_a_dead_engine_gives_clients_an_error_and_the_server_stays_up(tiny_checkpoint):
+def test_through_the_server_a_dead_engine_ends_its_requests_with_an_error_and_comes_back(tiny_checkpoint):
     """Kill the engine process under a real tritonserver: the stream in flight ends with an error event that says
-    what happened, the next request gets the same error at once, and the server still answers."""
+    what happened, the engine is started again and serves the next requests; killed again at once (a crash loop),
+    it stays down and says so."""
     import httpx
 
     server = start_local_server(tiny_checkpoint, shipped_model_repository(), context_length=TEST_CONTEXT_LENGTH)
@@ -133,12 +134,31 @@ def test_through_the_server_a_dead_engine_gives_clients_an_error_and_the_server_
                         os.kill(engine_pid, signal.SIGKILL)
         assert in_flight[0]["type"] in ("reasoning", "chunk")
         assert in_flight[-1]["type"] == "error", in_flight[-3:]
-        assert "engine process exited (exit code -9)" in in_flight[-1]["content"]
-        after = stream_events(server.url, messages("Hello?"), {"max_tokens": 4}, timeout=30)
-        assert [e["type"] for e in after] == ["error"] and "restart the server" in after[0]["content"]
+        assert in_flight[-1]["content"] == ("the engine process exited (exit code -9); it is restarting: send the "
+                                            "request again shortly")
+        deadline, after = time.monotonic() + 120, []
+        while time.monotonic() < deadline:  # errors while it restarts, then replies again
+            after = stream_events(server.url, messages("Hello?"), {"max_tokens": 4}, timeout=30)
+            if after[-1]["type"] == "complete":
+                break
+            assert "restarting" in after[-1]["content"], after
+            time.sleep(0.5)
+        assert after[-1]["type"] == "complete", after
+        assert "the engine process is back" in server.log_text()
+
+        (again,) = [pid for pid in _engine_processes() if _descends_from(pid, server.process.pid)]
+        assert again != engine_pid
+        os.kill(again, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            after = stream_events(server.url, messages("Hello?"), {"max_tokens": 4}, timeout=30)
+            if after[-1]["type"] == "error":
+                break
+        assert after[-1]["content"] == "the engine process exited (exit code -9); restart the server"
         assert httpx.get(server.url + "/v2/health/live", timeout=10).status_code == 200
     finally:
         server.stop()
+    assert not [pid for pid in _engine_processes() if _descends_from(pid, server.process.pid)]
 
 
 def _engine_processes() -> list[int]:

@@ -10,7 +10,6 @@ engine. Custom Prometheus metrics are published beside Triton's own.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import queue
@@ -34,6 +33,7 @@ from kubrick.engine.step_trace import StepTrace
 from kubrick.server.engine_process import EngineProcess
 from kubrick.server.outbox import CANCEL_POLL_S, cancel_poll_interval, coalesced, drain
 
+RESTART_WITHIN_S = 60.0  # an engine process that dies again sooner than this after a restart stays down
 GAUGES_EVERY_S = 0.05  # how often the running/waiting/KV-cache gauges are refreshed (IPC, and a walk over the batch)
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
@@ -141,19 +141,20 @@ class TritonPythonModel:
         device = settings.get("device") or os.environ.get("TRITON_DEVICE") or kind_device
         context_length = settings.get("context_length")
 
-        self.engine = EngineProcess.start(
-            {"checkpoint": settings.get("checkpoint") or None, "device": device,
-             "context_length": int(context_length) if context_length else None}
-        )
+        self.engine_settings = {"checkpoint": settings.get("checkpoint") or None, "device": device,
+                                "context_length": int(context_length) if context_length else None}
+        self.outbox: queue.Queue = queue.Queue()
+        self.pending: dict[int, Pending] = {}  # request id -> Pending; touched by the response thread only
+        self.last_request_id = 0
+        self.stopping = False
+        self.restarting = False
+        self.restarted_at: float | None = None  # when the engine process was last started again after dying
+        self.engine_down: str | None = None  # while it is down: why, and what to do (the requests' error)
+        self.engine = self._start_engine()
         info = self.engine.info
         self.metrics = Metrics(self.model_name, info["version"])
         self.trace = StepTrace.from_env()  # KUBRICK_STEP_TRACE: the engine process writes its steps to it too
-        self.outbox: queue.Queue = queue.Queue()
-        self.pending: dict[int, Pending] = {}  # request id -> Pending; touched by the response thread only
-        self.request_ids = itertools.count(1)
         self.gauges_at = 0.0
-        self.engine.listen(on_events=lambda events: self.outbox.put(("engine", events)),
-                           on_exit=lambda reason: self.outbox.put(("engine exited", reason)))
         self.responder = threading.Thread(target=self._respond_loop, name="kubrick-responses", daemon=True)
         self.responder.start()
         self._refresh_gauges()
@@ -161,6 +162,38 @@ class TritonPythonModel:
             f"{self.model_name}: engine {info['version']} on {info['device']}, "
             f"context {info['context_length']} tokens; {info['kv_cache']}"
         )
+
+    def _start_engine(self) -> EngineProcess:
+        engine = EngineProcess.start(self.engine_settings)
+        engine.listen(on_events=lambda events: self.outbox.put(("engine", events)), on_exit=self._engine_exited)
+        return engine
+
+    def _engine_exited(self, reason: str) -> None:
+        """The engine process died (killed, out of memory, a CUDA fault): its requests end with an error, and it
+        is started again, unless it died within RESTART_WITHIN_S of the last restart (it would only die again)."""
+        recently = self.restarted_at is not None and time.monotonic() - self.restarted_at < RESTART_WITHIN_S
+        self.restarting = not self.stopping and not recently
+        remedy = "it is restarting: send the request again shortly" if self.restarting else "restart the server"
+        self.engine_down = f"{reason}; {remedy}"
+        self.outbox.put(("engine exited", (self.engine_down, self.last_request_id)))
+        if self.restarting:
+            threading.Thread(target=self._restart_engine, name="kubrick-engine-restart", daemon=True).start()
+
+    def _restart_engine(self) -> None:
+        pb_utils.Logger.log_error(f"{self.model_name}: {self.engine_down}")
+        try:
+            engine = self._start_engine()
+        except EngineError as err:
+            self.engine_down = f"the engine process exited and could not start again ({err}); restart the server"
+            pb_utils.Logger.log_error(f"{self.model_name}: {self.engine_down}")
+            self.restarting = False
+            return
+        if self.stopping:
+            engine.stop()
+            return
+        self.engine, self.restarting, self.engine_down = engine, False, None
+        self.restarted_at = time.monotonic()
+        pb_utils.Logger.log_info(f"{self.model_name}: the engine process is back; {engine.info['kv_cache']}")
 
     def execute(self, requests):
         for request in requests:
@@ -173,15 +206,17 @@ class TritonPythonModel:
             except Exception as err:  # never let one odd request fail the others in this batch
                 self.outbox.put((pending, EngineError(f"the server could not read this request ({err})")))
                 continue
-            pending.request_id = next(self.request_ids)
+            self.last_request_id += 1
+            pending.request_id = self.last_request_id
             self.outbox.put((pending, None))  # registered before any of its events can arrive
             try:
                 self.engine.submit(pending.request_id, messages, params)
-            except EngineError as err:  # the engine process is gone
-                self.outbox.put((pending, err))
+            except EngineError as err:  # the engine process is gone (and maybe restarting) or shutting down
+                self.outbox.put((pending, EngineError(self.engine_down or str(err))))
         return None
 
     def finalize(self):
+        self.stopping = True
         self.engine.stop()  # every request still in flight gets its last event
         self.outbox.put((None, None))
         self.responder.join(timeout=30)
@@ -240,11 +275,11 @@ class TritonPythonModel:
                     if pending is not None:
                         pending.timing = timing or pending.timing
                         out.append((pending, outcome))
-            elif first == "engine exited":
-                pb_utils.Logger.log_error(f"{self.model_name}: {second}")
+            elif first == "engine exited":  # every request it had (ids up to `last`) ends with the reason
+                reason, last = second
                 waiting = {id(p): p for p in self.pending.values()}
                 waiting.update({id(p): p for p, o in out if p is not None and o is None})
-                out.extend((p, EngineError(second)) for p in waiting.values())
+                out.extend((p, EngineError(reason)) for p in waiting.values() if p.request_id <= last)
             else:
                 out.append((first, second))
         return out
