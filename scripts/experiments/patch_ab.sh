@@ -16,6 +16,9 @@ PTH=$(python3 -c 'import site; print(site.getsitepackages()[0])')/kubrick-src.pt
 mkdir -p "$COPY" && cp -r kubrick triton scripts pyproject.toml "$COPY"/
 trap 'echo "$PWD" > "$PTH"; rm -rf "$(dirname "$COPY")"' EXIT
 (cd "$COPY" && git apply "$PATCH") || exit 1
+if [ -f .gpus/vocab/o200k_base.tiktoken.gz ] && [ ! -f .gpus/vocab/o200k_base.tiktoken ]; then
+    gunzip -k .gpus/vocab/o200k_base.tiktoken.gz  # carried gzipped; a new call's carry has only the .gz
+fi
 [ -f .gpus/vocab/o200k_base.tiktoken ] && export TIKTOKEN_ENCODINGS_BASE=$PWD/.gpus/vocab
 export KUBRICK_MAX_BATCH=128 KUBRICK_STEP_TOKENS=512
 run() {  # LABEL TREE
