@@ -71,8 +71,9 @@ class EngineProcess:
         cannot start."""
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])  # the folder holding `kubrick`
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        package_root = Path(__file__).resolve().parents[2]  # the folder holding `kubrick`
+        if package_root.name not in ("site-packages", "dist-packages"):  # a source tree: import this very kubrick
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(package_root), env.get("PYTHONPATH")) if p)
         try:
             process = subprocess.Popen(
                 [python_executable(), "-m", "kubrick.server.engine_process", str(theirs.fileno())],
