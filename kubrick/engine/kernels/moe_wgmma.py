@@ -15,9 +15,13 @@ decode writes the operand directly:
 The weights and activations arrive by cp.async in a ring of STAGES stages of SUB steps (BLOCK_K values of every
 row a step); the warpgroup (one: 4 warps) decodes a step (_common.mxfp4_to_bf16's PTX, weights 2**-63 too small)
 and issues an async wgmma against x^T, one wgmma in flight while the next step decodes. Two warpgroups (8 warps)
-would share the ring, so a slot would wait for both; on 64 x 128 tiles their sums came out wrong on the H100 even
-then, on 64 x 256 right but 2x slower (BENCHMARKS.md run 37; not understood), so the kernel takes 4 warps only.
-The scales come by plain loads three steps ahead.
+sharing the ring gave wrong sums in run 37: a warpgroup's wgmma wait covers only its own wgmmas, so its refill of
+a slot raced with the other's reads. With a CTA barrier before each refill they are right, but no faster (564 against
+558 us a layer at 512 tokens, twice the warps in flight: BENCHMARKS.md run 43,
+scripts/experiments/moe_wgmma_two_warpgroups.patch), so the kernel takes 4 warps only.
+The scales come by plain loads three steps ahead (the compiler repacks them at the top of the next step, so in
+effect one step ahead; copying a tile's scales into shared memory once gained 3 % at 512 tokens and lost on the
+decode tiles: run 43).
 
 Why stages of several steps: the bytes of one row are far apart in memory (a row is K/2 bytes), so a step
 reads BLOCK_N short runs. Asked for as one stage, a row's SUB steps are one run (SUB * BLOCK_K / 2 bytes),
