@@ -49,6 +49,7 @@ from kubrick.engine.kv_cache import KVCache
 from kubrick.engine.mixed_graphs import PagedMixedGraphs
 from kubrick.engine.model import RotaryEmbedding
 from kubrick.engine.paged_cache import PagedKVCache, SequenceBlocks
+from kubrick.engine.step_staging import StepStaging
 
 
 class FastTransformer:
@@ -538,9 +539,8 @@ def _index(items: list[int] | slice) -> slice | torch.Tensor:
 class PagedGraphDecoder:
     """Decode-only steps over the paged cache: one captured CUDA graph per batch-size bucket.
 
-    Static device buffers hold a step's per-row inputs and block tables (as wide as the context); a step
-    fills the first n rows, pads the rest of its bucket with idle rows (token 0 at position 0, writing into
-    the pools' scratch block and reading only it), copies everything over in three transfers and replays.
+    Static device buffers hold a step's per-row inputs and block tables (as wide as the context; step_staging.py);
+    a step fills the first n rows, pads the rest of its bucket with idle rows, copies them over and replays.
     The graphs share one memory pool (one replays at a time). Attention splits are fixed per bucket for the
     longest context.
     """
@@ -551,17 +551,7 @@ class PagedGraphDecoder:
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         device, top, page = model.device, self.buckets[-1], cache.block_size
         self.max_blocks = max_blocks
-        # Pinned host staging: per-row int64 (tokens, positions, rows_full, rows_window), kv_lens, two tables.
-        self.host_rows = torch.zeros(4, top, dtype=torch.long, pin_memory=True)
-        self.host_lens = torch.ones(top, dtype=torch.int32, pin_memory=True)
-        self.host_tables = torch.zeros(2, top, max_blocks, dtype=torch.int32, pin_memory=True)
-        self.rows = torch.zeros(4, top, dtype=torch.long, device=device)
-        self.kv_lens = torch.ones(top, dtype=torch.int32, device=device)
-        self.tables = torch.zeros(2, top, max_blocks, dtype=torch.int32, device=device)
-        self.idle = (0, 0, cache.scratch_full * page, cache.scratch_window * page)
-        self._fill_idle(0, top)
-        self.rows.copy_(self.host_rows)
-        self.tables.copy_(self.host_tables)
+        self.staging = StepStaging(cache, top, top, max_blocks, device)  # decode rows only: a segment a row
         c, block_n = model.config, block_config("attn_decode", device)["BLOCK_N"]
         self.graphs, self.logits, self.steps, pool = {}, {}, {}, None
         for bucket in self.buckets:
@@ -579,24 +569,16 @@ class PagedGraphDecoder:
             pool = graph.pool()
             self.graphs[bucket] = graph
             self.steps[bucket] = step
-        self.copied = torch.cuda.Event()  # the last step's transfers are done: the staging may be refilled
-        self.copied.record()
 
     def _static_step(self, bucket: int) -> PagedStep:
+        rows, kv_lens, tables = self.staging.rows, self.staging.kv_lens, self.staging.tables
         return PagedStep(
-            tokens=self.rows[0, :bucket], positions=self.rows[1, :bucket], rows_full=self.rows[2, :bucket],
-            rows_window=self.rows[3, :bucket], kv_lens=self.kv_lens[:bucket],
-            table_full=self.tables[0, :bucket], table_window=self.tables[1, :bucket], decode_only=True, decode_count=bucket,
+            tokens=rows[0, :bucket], positions=rows[1, :bucket], rows_full=rows[2, :bucket],
+            rows_window=rows[3, :bucket], kv_lens=kv_lens[:bucket],
+            table_full=tables[0, :bucket], table_window=tables[1, :bucket], decode_only=True, decode_count=bucket,
             decode_segments=slice(0, bucket), decode_rows=slice(0, bucket), prefills=[],
-            last_rows=torch.arange(bucket, device=self.rows.device),
+            last_rows=torch.arange(bucket, device=rows.device),
         )
-
-    def _fill_idle(self, first: int, end: int) -> None:
-        for i, value in enumerate(self.idle):
-            self.host_rows[i, first:end] = value
-        self.host_lens[first:end] = 1
-        self.host_tables[0, first:end] = self.cache.scratch_full
-        self.host_tables[1, first:end] = self.cache.scratch_window
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if n <= b)
@@ -604,22 +586,9 @@ class PagedGraphDecoder:
     def step(self, step: PagedStep, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """A decode-only step (host tensors from PagedStep.build) -> logits [bucket, vocab], rows n … idle.
         device_tokens: the tokens of the first rows, already on the GPU (step.tokens holds placeholders there)."""
-        n = step.tokens.shape[0]
-        bucket = self.bucket_for(n)
-        cols = step.table_full.shape[1]
-        assert cols <= self.max_blocks, "a sequence outgrew the context the graphs were captured for"
-        self.copied.synchronize()
-        for i, name in enumerate(("tokens", "positions", "rows_full", "rows_window")):
-            self.host_rows[i, :n] = getattr(step, name)
-        self.host_lens[:n] = step.kv_lens
-        self.host_tables[0, :n, :cols] = step.table_full
-        self.host_tables[1, :n, :cols] = step.table_window
-        self._fill_idle(n, bucket)
-        self.rows[:, :bucket].copy_(self.host_rows[:, :bucket], non_blocking=True)
-        self.kv_lens[:bucket].copy_(self.host_lens[:bucket], non_blocking=True)
-        self.tables[:, :bucket].copy_(self.host_tables[:, :bucket], non_blocking=True)
-        self.copied.record()
-        if device_tokens is not None:  # in stream order: after the step that picked them
-            self.rows[0, : len(device_tokens)].copy_(device_tokens)
+        bucket = self.bucket_for(step.tokens.shape[0])
+        assert step.table_full.shape[1] <= self.max_blocks, "a sequence outgrew the context the graphs were captured for"
+        self.staging.stage(step, bucket, bucket)
+        self.staging.finish(device_tokens)
         self.graphs[bucket].replay()
         return self.logits[bucket]

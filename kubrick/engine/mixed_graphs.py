@@ -14,9 +14,9 @@ of rows can be written with fixed shapes:
   prompt rows   attention_prefill_varlen over a fixed-size tile list, one entry per BLOCK_M rows of a chunk
                 (segment, first row, rows, position), the unused entries -1 (their programs return at once).
 
-A step copies its rows, kv_lens, block tables and tile list into static buffers (pinned staging, one transfer
-each) and replays the smallest bucket holding its rows; rows n... are idle (token 0 at position 0, keys and
-values written into the pools' scratch block, results never read). The logits (final norm and unembedding of
+A step copies its rows, kv_lens, block tables (step_staging.py) and tile list into static buffers (pinned staging,
+one transfer each) and replays the smallest bucket holding its rows; rows n... are idle (token 0 at position 0,
+keys and values written into the pools' scratch block, results never read). The logits (final norm and unembedding of
 each segment's last row) are computed eagerly after the replay.
 """
 
@@ -31,6 +31,7 @@ from kubrick.engine.cuda_graphs import capture, on_device, warm_up
 from kubrick.engine.kernels._common import block_config
 from kubrick.engine.kernels.attention import pick_splits, prefill_tiles
 from kubrick.engine.paged_cache import PagedKVCache
+from kubrick.engine.step_staging import StepStaging
 
 if TYPE_CHECKING:
     from kubrick.engine.fast_model import FastTransformer, PagedStep
@@ -50,28 +51,22 @@ class PagedMixedGraphs:
         self.max_blocks, self.max_segments = max_blocks, max_segments
         block_m = block_config("attn_prefill", device)["BLOCK_M"]
         self.max_tiles = top // block_m + max_segments  # a chunk adds at most one partial tile
-        # Per row: token, position, cache row in the full-attention pools, cache row in the window pools.
-        self.idle = (0, 0, cache.scratch_full * page, cache.scratch_window * page)
-        self.host_rows = torch.zeros(4, top, dtype=torch.long, pin_memory=True)
-        self.host_lens = torch.ones(max_segments, dtype=torch.int32, pin_memory=True)
-        self.host_tables = torch.zeros(2, max_segments, max_blocks, dtype=torch.int32, pin_memory=True)
+        self.staging = StepStaging(cache, top, max_segments, max_blocks, device)
         self.host_tiles = torch.full((self.max_tiles, 4), -1, dtype=torch.int32, pin_memory=True)
-        self._fill_idle(0, top)
-        self.host_tables[0], self.host_tables[1] = cache.scratch_full, cache.scratch_window
-        self.rows, self.kv_lens, self.tables, self.tiles = (
-            t.to(device) for t in (self.host_rows, self.host_lens, self.host_tables, self.host_tiles))
+        self.tiles = self.host_tiles.to(device)
+        rows, kv_lens, tables = self.staging.rows, self.staging.kv_lens, self.staging.tables
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.streams: dict[int, torch.Tensor] = {}  # bucket -> the residual stream the graph leaves
         pool = None
         for bucket in self.buckets:
             decodes = min(bucket, max_segments)
             step = PagedStep(
-                tokens=self.rows[0, :bucket], positions=self.rows[1, :bucket], rows_full=self.rows[2, :bucket],
-                rows_window=self.rows[3, :bucket], kv_lens=self.kv_lens, table_full=self.tables[0],
-                table_window=self.tables[1], decode_only=False, decode_count=decodes,
+                tokens=rows[0, :bucket], positions=rows[1, :bucket], rows_full=rows[2, :bucket],
+                rows_window=rows[3, :bucket], kv_lens=kv_lens, table_full=tables[0],
+                table_window=tables[1], decode_only=False, decode_count=decodes,
                 decode_segments=slice(0, decodes), decode_rows=slice(0, decodes),
                 prefills=[(0, 0, 0, 0)],  # (any: the tile list on the device says where the chunks are)
-                last_rows=self.rows[0, :0], tiles=self.tiles,
+                last_rows=rows[0, :0], tiles=self.tiles,
                 splits={  # per window: the longest context the graphs were captured for
                     window: pick_splits(decodes, c.num_key_value_heads, keys,
                                         block_config("attn_decode", device)["BLOCK_N"], device)
@@ -87,12 +82,6 @@ class PagedMixedGraphs:
             graph, self.streams[bucket] = capture(layers, pool)
             pool = graph.pool()  # one pool: the graphs replay one after another, never at once
             self.graphs[bucket] = graph
-        self.copied = torch.cuda.Event()  # the last step's transfers are done: the staging may be refilled
-        self.copied.record()
-
-    def _fill_idle(self, first: int, end: int) -> None:
-        for i, value in enumerate(self.idle):
-            self.host_rows[i, first:end] = value
 
     def fits(self, step: "PagedStep") -> bool:
         """Whether the graphs can run this step: few enough rows and segments, its decode rows first."""
@@ -103,28 +92,15 @@ class PagedMixedGraphs:
     def step(self, model: "FastTransformer", step: "PagedStep", device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """A step's host tensors (PagedStep.build) -> fp32 logits of each segment's last row.
         device_tokens: the tokens of the first rows (the decode rows), already on the GPU."""
-        n, segments, cols = step.tokens.shape[0], step.kv_lens.shape[0], step.table_full.shape[1]
+        n = step.tokens.shape[0]
         bucket = next(b for b in self.buckets if n <= b)
         tiles = prefill_tiles(step.prefills, model.device)
         assert len(tiles) <= self.max_tiles
-        self.copied.synchronize()
-        for i, name in enumerate(("tokens", "positions", "rows_full", "rows_window")):
-            self.host_rows[i, :n] = getattr(step, name)
-        self._fill_idle(n, bucket)
-        self.host_lens[:segments] = step.kv_lens
-        self.host_lens[segments:] = 1
-        self.host_tables[0, :segments, :cols] = step.table_full
-        self.host_tables[1, :segments, :cols] = step.table_window
-        self.host_tables[0, segments:], self.host_tables[1, segments:] = self.cache.scratch_full, self.cache.scratch_window
+        self.staging.stage(step, bucket, self.max_segments)  # waits for the last step's copies: then the tiles
         self.host_tiles.numpy()[: len(tiles)] = tiles
         self.host_tiles[len(tiles):] = -1
-        self.rows[:, :bucket].copy_(self.host_rows[:, :bucket], non_blocking=True)
-        self.kv_lens.copy_(self.host_lens, non_blocking=True)
-        self.tables.copy_(self.host_tables, non_blocking=True)
         self.tiles.copy_(self.host_tiles, non_blocking=True)
-        self.copied.record()
-        if device_tokens is not None:  # in stream order: after the step that picked them
-            self.rows[0, : len(device_tokens)].copy_(device_tokens)
+        self.staging.finish(device_tokens)
         self.graphs[bucket].replay()
         moved = replace(step, last_rows=on_device(step.last_rows, model.device))
         return model._paged_logits(self.streams[bucket][:n], moved, last_rows=True)
