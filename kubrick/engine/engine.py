@@ -113,6 +113,18 @@ def _validated(params: SamplingParams) -> SamplingParams:
     return parse_params(raw)
 
 
+def _warm_sampling(vocab: int, device: torch.device) -> None:
+    """Compile the sampling kernels (or load them from Triton's cache) before serving: compiled at the first
+    sampled request, they would hold every stream back for a second or two. Rows as the scheduler passes them:
+    float32 logits of the model's vocabulary, cut to the tokenizer's (a strided view)."""
+    from kubrick.engine.sampler import sample_rows
+
+    logits = torch.zeros(2, vocab, dtype=torch.float32, device=device)[:, : min(vocab, harmony.VOCAB_SIZE)]
+    sample_rows(logits, [Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=0)),
+                         Sampler(SamplingParams(temperature=1.0, top_k=40, seed=1))])
+    torch.cuda.synchronize(device)
+
+
 class Engine:
     def __init__(
         self,
@@ -181,6 +193,7 @@ class Engine:
             self.paged.prefix_reuse = not switched_off("KUBRICK_PREFIX_CACHE")
             if graphed:  # decode steps replay CUDA graphs; no request pays for them
                 self._capture(self.paged)
+                _warm_sampling(self.config.vocab_size, self.torch_device)
             log.info("%s", self.kv_cache_description())
 
     def _capture(self, cache: PagedKVCache) -> None:

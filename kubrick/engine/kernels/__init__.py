@@ -16,6 +16,8 @@ attention.attention_prefill             flash-style causal GQA with sinks + wind
 attention.attention_decode              split-KV decode with sinks + window, GQA shared    reference.attention
 sampling.sample                         every row's next token: argmax, or a Gumbel-max    softmax(x / T) frequencies
                                         draw over the tokens at or above the row's cut     (sampler._sample_torch)
+nucleus.top_p_cut                       each row's top-p cut (least logit of its nucleus)  sampler.cuts (a sort)
+                                        by a radix select over the logits' bits, no sort
 moe()                                   picks moe_gemv or moe_grouped by token count
 
 Block sizes come from the per-architecture table in _common.py. Everything runs under TRITON_INTERPRET=1 on
