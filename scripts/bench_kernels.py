@@ -182,15 +182,22 @@ def bench(layers: int) -> tuple[list[dict], float]:
 
 def bench_sampling(add, vocab: int = 201_088) -> None:
     """The sampling kernel alone (graph replays), then sample_rows as the scheduler calls it, eagerly: host work,
-    the pinned copies of the rows' settings and, with top_p < 1, the batched sort included."""
+    the pinned copies of the rows' settings and, with top_p < 1, the top-p bound included."""
     from kubrick.engine.api import SamplingParams
-    from kubrick.engine.sampler import Sampler, sample_rows
+    from kubrick.engine.kernels.nucleus import top_p_cut
+    from kubrick.engine.sampler import Sampler, cuts, sample_rows
 
-    for batch in (1, 64):
+    for batch in (1, 8, 64):
         logits = torch.randn(batch, vocab, device="cuda", dtype=BF16)
         ones, none = torch.ones(batch, device="cuda"), torch.full((batch,), float("-inf"), device="cuda")
         keys = torch.arange(batch, device="cuda", dtype=torch.int64)
         add(f"sample B={batch} (kernel)", time_per_call([lambda: sample(logits, ones, none, keys)] * 8),
+            batch * vocab * 2)
+        # The top-p bound: the radix select (kernels/nucleus.py) against the sort it replaced (sampler.cuts)
+        top_p, all_ids = torch.full((batch,), 0.9, device="cuda"), torch.full((batch,), float(vocab), device="cuda")
+        add(f"top_p_cut B={batch} (radix select)", time_per_call([lambda: top_p_cut(logits, ones, top_p)] * 4),
+            10 * batch * vocab * 2, note="ten passes over the row")
+        add(f"cuts B={batch} (sort, the reference)", time_per_call([lambda: cuts(logits, ones, all_ids, top_p)] * 4),
             batch * vocab * 2)
         for top_p in (1.0, 0.9):
             samplers = [Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=i)) for i in range(batch)]

@@ -18,7 +18,7 @@ of all clients are 0..C-1, their second ones C..2C-1, ...):
     all 9 prompt/output pairs, and each group 3j, 3j+1, 3j+2 all prompt sizes and all output lengths);
   * every prompt starts with "Level L, request k." (L: the level's place in --concurrency) so no two requests
     of the run share a prefix beyond the chat template's system message (prefix reuse does not flatter the
-    figures); greedy (temperature 0), seed 0.
+    figures); greedy unless --temperature (and --top-p) say otherwise, seed 0.
 With random weights the model never stops early, so a reply is max_tokens long; its client TTFT includes the
 engine holding back up to 32 tokens while it waits for a Harmony header the random model never writes.
 
@@ -64,7 +64,7 @@ MIX = (
     "request k (round by round over the clients): prompt short/medium/long (~30/~240/~970 tokens of user text: "
     "a question plus a fixed paragraph repeated 0/4/18 times) by k % 3, max_tokens (128, 256, 512)"
     "[(k + k // 3) % 3] capped at {cap}; each prompt starts with its level and request number (no shared "
-    "prefix beyond the system message); greedy, seed 0; --requests {requests} per client, one after another"
+    "prefix beyond the system message); {sampling}, seed 0; --requests {requests} per client, one after another"
 )
 
 
@@ -100,11 +100,12 @@ class Result:
     client: int = -1  # which client of the level sent it (its requests run one after another)
 
 
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, temperature: float) -> Result:
-    """One streamed request; any failure (HTTP, connection, a bad event, an error event) lands in .error."""
+def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, sampling: dict) -> Result:
+    """One streamed request (`sampling`: temperature, top_p); any failure (HTTP, connection, a bad event, an
+    error event) lands in .error."""
     body = {
         "text_input": json.dumps([{"role": "user", "content": prompt}]),
-        "parameters": {"streaming": True, "max_tokens": max_tokens, "temperature": temperature, "seed": 0},
+        "parameters": {"streaming": True, "max_tokens": max_tokens, **sampling, "seed": 0},
     }
     result = Result()
     result.sent = last = time.perf_counter()
@@ -153,7 +154,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def _clients(url: str, indices: list[int], clients: int, requests: int, cap: int, temperature: float,
+def _clients(url: str, indices: list[int], clients: int, requests: int, cap: int, sampling: dict,
              level: int) -> list[dict]:
     """The clients `indices` of a level as threads (in this process); their results as plain dicts."""
     sys.setswitchinterval(0.0005)  # a thread woken by its socket waits less for the interpreter lock
@@ -164,7 +165,7 @@ def _clients(url: str, indices: list[int], clients: int, requests: int, cap: int
         with httpx.Client(timeout=httpx.Timeout(30.0, read=600.0)) as client:
             for i in range(requests):
                 _, prompt, max_tokens = planned_request(i * clients + index, cap, level)
-                result = one_request(client, url, prompt, max_tokens, temperature)
+                result = one_request(client, url, prompt, max_tokens, sampling)
                 result.client = index
                 with lock:
                     results.append(asdict(result))
@@ -177,19 +178,19 @@ def _clients(url: str, indices: list[int], clients: int, requests: int, cap: int
     return results
 
 
-def run(url: str, clients: int, requests: int, max_tokens: int, temperature: float, processes: int = 1,
+def run(url: str, clients: int, requests: int, max_tokens: int, sampling: dict, processes: int = 1,
         level: int = 0) -> dict:
     """One concurrency level (`level`: its place in the run): `clients` streams of `requests` requests each; the
     figures as a dict."""
     with httpx.Client(timeout=600) as client:  # the first request pays one-time costs
-        one_request(client, url, "warm up", 4, 0.0)
+        one_request(client, url, "warm up", 4, {"temperature": 0.0})
     processes = max(1, min(processes, clients))
     groups = [list(range(p, clients, processes)) for p in range(processes)]
     if processes == 1:
-        raw = _clients(url, groups[0], clients, requests, max_tokens, temperature, level)
+        raw = _clients(url, groups[0], clients, requests, max_tokens, sampling, level)
     else:
         with multiprocessing.get_context("fork").Pool(processes) as pool:
-            jobs = pool.starmap_async(_clients, [(url, g, clients, requests, max_tokens, temperature, level) for g in groups])
+            jobs = pool.starmap_async(_clients, [(url, g, clients, requests, max_tokens, sampling, level) for g in groups])
             raw = [r for group in jobs.get() for r in group]
     return summarize([Result(**r) for r in raw], clients, max_tokens)
 
@@ -404,6 +405,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=512, help="caps the mix's output lengths (128/256/512)")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's bound (with --temperature > 0)")
     parser.add_argument("--processes", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
                         help="worker processes the clients are spread over (default: up to 8, half the CPUs)")
     add_server_options(parser, context_length=None)
@@ -418,6 +420,8 @@ def main() -> int:
         parser.error(str(err))
     if args.requests < 1 or args.max_tokens < 1 or args.processes < 1:
         parser.error("--requests, --max-tokens and --processes must be at least 1")
+    if not 0 < args.top_p <= 1 or args.temperature < 0:
+        parser.error("--top-p must be in (0, 1] and --temperature at least 0")
     if args.url and (args.checkpoint or args.server_log or args.server_cpus):
         parser.error("--checkpoint, --server-log and --server-cpus are for the server this script starts; leave out "
                      "--url")
@@ -434,11 +438,14 @@ def main() -> int:
             target = describe_server(server, args.checkpoint, args.device, args.context_length, args.server_cpus)
         else:
             target = url
-        mix = MIX.format(cap=args.max_tokens, requests=args.requests)
+        drawn = f"temperature {args.temperature:g}" + (f", top_p {args.top_p:g}" if args.top_p < 1 else "")
+        mix = MIX.format(cap=args.max_tokens, requests=args.requests,
+                         sampling=drawn if args.temperature > 0 else "greedy")
         if args.record:
             append(args.record, heading(target, mix))
         for level, clients in enumerate(levels):
-            f = run(url.rstrip("/"), clients, args.requests, args.max_tokens, args.temperature, args.processes, level)
+            sampling = {"temperature": args.temperature, "top_p": args.top_p}
+            f = run(url.rstrip("/"), clients, args.requests, args.max_tokens, sampling, args.processes, level)
             figures.append(f)
             print(json.dumps(json_safe(f)), flush=True)
             if args.record:

@@ -27,7 +27,8 @@
 # TURNS (default 6), STEADY (default 64), CKPT (default /tmp/ck20; written once, reused when it exists), BUDGET
 # (seconds, default 530),
 # SERVER_CPUS (e.g. 0,1: the servers run on those CPUs only, a slow host on purpose; bench_serving.py --server-cpus),
-# TEMPERATURE (default 0, greedy; 1 is kubrick's default, drawn on the GPU by kernels/sampling.py).
+# TEMPERATURE (default 0, greedy; 1 is kubrick's default, drawn on the GPU by kernels/sampling.py), TOP_P (default 1;
+# below 1 each sampled step also finds every row's nucleus bound, kernels/nucleus.py).
 # For a dry run on a CPU machine (an existing tiny checkpoint: a CKPT that does not exist gets a 14 GB 20b one):
 # KUBRICK_MAX_BATCH=8 KUBRICK_STEP_TOKENS=64 PYTHON=.venv/bin/python INSTALL=0 DEVICE=cpu CKPT=<a tiny checkpoint>
 # CONCURRENCY=1,2 REQUESTS=1 MAX_TOKENS=16 TURNS=2 scripts/bench_serving_gpu.sh /tmp/dry
@@ -44,6 +45,7 @@ TURNS=${TURNS:-6}
 STEADY=${STEADY:-64}
 MAX_TOKENS=${MAX_TOKENS:-512}
 TEMPERATURE=${TEMPERATURE:-0}
+TOP_P=${TOP_P:-1}
 DEVICE=${DEVICE:-cuda:0}
 PYTHON=${PYTHON:-python3}
 export KUBRICK_MAX_BATCH=${KUBRICK_MAX_BATCH:-128} KUBRICK_STEP_TOKENS=${KUBRICK_STEP_TOKENS:-512}
@@ -84,7 +86,7 @@ fi
 # The code that ran, by content: a copied tree's .git can be older than its files (the GPU machine's copy is).
 echo "source $(scripts/source_fingerprint) (scripts/source_fingerprint); KUBRICK_MAX_BATCH=$KUBRICK_MAX_BATCH" \
     "KUBRICK_STEP_TOKENS=$KUBRICK_STEP_TOKENS KUBRICK_KV_CACHE_MEMORY=${KUBRICK_KV_CACHE_MEMORY:-default}" \
-    "CONCURRENCY=$CONCURRENCY DEVICE=$DEVICE TEMPERATURE=$TEMPERATURE" | tee -a "$LOG"
+    "CONCURRENCY=$CONCURRENCY DEVICE=$DEVICE TEMPERATURE=$TEMPERATURE TOP_P=$TOP_P" | tee -a "$LOG"
 
 if [ -d "$CKPT" ]; then
     echo "=== checkpoint $CKPT exists; reused" | tee -a "$LOG"
@@ -108,7 +110,7 @@ pin=()
 [ -n "${SERVER_CPUS:-}" ] && pin=(--server-cpus "$SERVER_CPUS")
 step "serving, concurrency $CONCURRENCY" "$serving" "$PYTHON" scripts/bench_serving.py --checkpoint "$CKPT" \
     --device "$DEVICE" --context-length 4096 --concurrency "$CONCURRENCY" --requests "$REQUESTS" \
-    --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" "${pin[@]}" \
+    --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" --top-p "$TOP_P" "${pin[@]}" \
     --record "$OUT/serving.md" --json "$OUT/serving.json" --server-log "$OUT/server-serving.log"
 
 step "multi-turn, prefix reuse on then off" "$(($(left) - (STEADY == 0 ? 10 : 70)))" "$PYTHON" scripts/bench_multiturn.py \
@@ -118,7 +120,7 @@ step "multi-turn, prefix reuse on then off" "$(($(left) - (STEADY == 0 ? 10 : 70
 if [ "$STEADY" != 0 ]; then
     step "steady state, $STEADY clients of 6 requests" "$(($(left) - 5))" "$PYTHON" scripts/bench_serving.py \
         --checkpoint "$CKPT" --device "$DEVICE" --context-length 4096 --concurrency "$STEADY" --requests 6 \
-        --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" "${pin[@]}" \
+        --max-tokens "$MAX_TOKENS" --temperature "$TEMPERATURE" --top-p "$TOP_P" "${pin[@]}" \
         --record "$OUT/serving.md" --json "$OUT/steady.json" --server-log "$OUT/server-steady.log"
 fi
 

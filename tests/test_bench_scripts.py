@@ -110,6 +110,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
         (["--url", "http://127.0.0.1:9", "--checkpoint", "/tmp"], "leave out --url"),
         (["--server-cpus", "0,x"], "--server-cpus takes CPU numbers like 0,1"),
         (["--server-cpus", "100000"], "not among the CPUs this process may use"),
+        (["--temperature", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
     ],
 )
 def test_bench_serving_refuses_bad_flags_in_one_line(args, says):
