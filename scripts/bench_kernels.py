@@ -197,6 +197,9 @@ def bench_sampling(add, vocab: int = 201_088) -> None:
         top_p, all_ids = torch.full((batch,), 0.9, device="cuda"), torch.full((batch,), float(vocab), device="cuda")
         add(f"top_p_cut B={batch} (radix select)", time_per_call([lambda: top_p_cut(logits, ones, top_p)] * 4),
             10 * batch * vocab * 2, note="ten passes over the row")
+        wide = logits.float()  # the scheduler's logits are float32
+        add(f"top_p_cut B={batch} fp32 (radix select)", time_per_call([lambda: top_p_cut(wide, ones, top_p)] * 4),
+            10 * batch * vocab * 4, note="ten passes over the row")
         add(f"cuts B={batch} (sort, the reference)", time_per_call([lambda: cuts(logits, ones, all_ids, top_p)] * 4),
             batch * vocab * 2)
         for top_p in (1.0, 0.9):
@@ -423,6 +426,28 @@ def sweep_rope(layers: int, token_counts: tuple[int, ...] = (1, 8, 16, 64, 512, 
             name = "as run" if heads is None else f"{heads} heads a program"
             rows.append(dict(kernel="rope_and_cache", tokens=tokens, config=name, us=us))
             print(f"rope_and_cache T={tokens} {name}: {us:.1f} us", flush=True)
+    return rows
+
+
+def sweep_top_p(vocab: int = 201_088, row_counts: tuple[int, ...] = (1, 8, 64)) -> list[dict]:
+    """nucleus.top_p_cut over its block sizes and warps, on bf16 and float32 logits (the scheduler's are float32),
+    against the sort it replaced (sampler.cuts): temperature 1, top_p 0.9."""
+    from kubrick.engine.kernels.nucleus import top_p_cut
+    from kubrick.engine.sampler import cuts
+
+    rows = []
+    for dtype in (BF16, torch.float32):
+        for count in row_counts:
+            logits = torch.randn(count, vocab, device="cuda").to(dtype)
+            t, top_p = torch.ones(count, device="cuda"), torch.full((count,), 0.9, device="cuda")
+            every = torch.full((count,), float(vocab), device="cuda")
+            configs = [("sort (cuts)", lambda: cuts(logits, t, every, top_p))] + [
+                (f"BLOCK {b}, {w} warps", lambda b=b, w=w: top_p_cut(logits, t, top_p, block=b, num_warps=w))
+                for b in (128, 256, 512) for w in (2, 4, 8)]
+            for name, call in configs:
+                us = time_per_call([call] * 4) * 1e6
+                rows.append(dict(kernel="top_p_cut", rows=count, dtype=str(dtype), config=name, us=us))
+                print(f"top_p_cut {str(dtype)[6:]} rows={count} {name}: {us:.1f} us", flush=True)
     return rows
 
 
@@ -683,6 +708,8 @@ def main() -> None:
                         help="also time the MoE's grouping of pairs by expert, split over programs or not")
     parser.add_argument("--sweep-rope", action="store_true",
                         help="also time RoPE + KV write with 1-32 heads of a token a program")
+    parser.add_argument("--sweep-top-p", action="store_true",
+                        help="also time the top-p cut (nucleus.py) over its blocks and warps against the sort")
     parser.add_argument("--sweeps-only", action="store_true", help="skip the kernel figures, run only the sweeps asked")
     parser.add_argument("--model", action="store_true", help="also time FastTransformer at the 20b shape")
     args = parser.parse_args()
@@ -711,6 +738,8 @@ def main() -> None:
         sweep_rows += sweep_grouping(args.layers)
     if args.sweep_rope:
         sweep_rows += sweep_rope(args.layers)
+    if args.sweep_top_p:
+        sweep_rows += sweep_top_p()
     if args.model:
         torch.cuda.empty_cache()
         try:

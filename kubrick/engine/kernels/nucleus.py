@@ -3,7 +3,7 @@
 `kubrick.engine.sampler.cuts` (the reference) sorts each row, softmaxes it at the row's temperature and takes the
 least logit whose inclusive running sum reaches top_p. On an H100 that sort of 201,088 logits a row takes 149 µs at
 one row and 1.8 ms at 64 (a quarter of a 64-row decode step); the same logit is found here in ten passes over
-the row, none of them a sort, in 52 µs and 0.41 ms (BENCHMARKS.md run 44):
+the row, none of them a sort, in 47 µs and 0.48 ms (BENCHMARKS.md run 44):
 
   stats     each (row, split) program: the max and sum of exp((x - max) / T) of its part of the row, over the
             eligible logits (x >= the row's top-k bound, -inf when there is none).
@@ -145,7 +145,7 @@ def _level_kernel(logits_ptr, stride, temperature_ptr, floor_ptr, top_p_ptr, sta
 
 
 def top_p_cut(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, floor: torch.Tensor | None = None,
-              block: int = 256, num_warps: int = 4) -> torch.Tensor:
+              block: int = 512, num_warps: int = 4) -> torch.Tensor:  # the best of --sweep-top-p on an H100
     """logits [R, V] (any float dtype, unit stride along V), temperature > 0 and top_p in (0, 1] float32 [R],
     floor float32 [R] (the top-k bound: only logits >= it count; None for none) -> float32 [R]: the least logit of
     each row's nucleus, as `kubrick.engine.sampler.cuts` computes it (the module docstring says how and where the
