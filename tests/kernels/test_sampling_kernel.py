@@ -102,7 +102,7 @@ def test_one_compiled_kernel_pair_serves_every_batch_size():
 
     x = torch.randn(64, 201_088, device="cuda")
     after_first = None
-    for rows in (1, 2, 5, 9, 17, 33, 64):  # 197 splits of a row down to 5 a row
+    for rows in (1, 2, 5, 9, 17, 33, 64):  # 197 splits of a row down to 33 a row
         sample(x[:rows], torch.ones(rows, device="cuda"), torch.full((rows,), NEG_INF, device="cuda"),
                _keys(rows).cuda())
         after_first = after_first or compiled()
