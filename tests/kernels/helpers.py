@@ -61,3 +61,18 @@ def random_moe(tokens, hidden, inter, experts, topk, dtype, device, seed=0):
     ids = scores.topk(topk, dim=-1).indices.to(torch.int32).to(device)
     weights = torch.softmax(torch.randn(tokens, topk, generator=gen), dim=-1).to(device)
     return x, ids, weights, (w1b, w1s, b1, w2b, w2s, b2)
+
+
+def compiles_once_for_every_batch(kernels: tuple, call) -> bool:
+    """Whether call(rows) at 1 … 64 rows compiles `kernels` (triton.jit functions) only on its first call: a
+    compile mid-serving would stall every stream, so a batch size may change only the grid."""
+    def compiled() -> tuple[int, ...]:
+        return tuple(len(kernel.device_caches[torch.cuda.current_device()][0]) for kernel in kernels)
+
+    call(1)
+    after_first = compiled()
+    for rows in (2, 5, 9, 17, 33, 64):
+        call(rows)
+        if compiled() != after_first:
+            return False
+    return True

@@ -7,6 +7,8 @@ import torch
 from kubrick.engine.kernels.nucleus import top_p_cut
 from kubrick.engine.sampler import _cuts_on_gpu, cuts
 
+from .helpers import compiles_once_for_every_batch
+
 
 def _reference(logits, temperature, top_p, top_k=None):
     rows, vocab = logits.shape
@@ -83,16 +85,9 @@ def test_the_real_vocabulary_on_the_gpu(dtype):
 
 @pytest.mark.gpu
 def test_one_compiled_kernel_pair_serves_every_batch_size():
-    # A compile mid-serving stalls every stream: batch sizes must change only the grid.
     from kubrick.engine.kernels import nucleus
 
-    def compiled() -> tuple[int, int]:
-        return tuple(len(kernel.device_caches[torch.cuda.current_device()][0])
-                     for kernel in (nucleus._stats_kernel, nucleus._level_kernel))
-
     x = torch.randn(64, 201_088, device="cuda")
-    after_first = None
-    for rows in (1, 2, 5, 9, 17, 33, 64):
-        top_p_cut(x[:rows], torch.ones(rows, device="cuda"), torch.full((rows,), 0.9, device="cuda"))
-        after_first = after_first or compiled()
-        assert compiled() == after_first
+    assert compiles_once_for_every_batch(
+        (nucleus._stats_kernel, nucleus._level_kernel),
+        lambda rows: top_p_cut(x[:rows], torch.ones(rows, device="cuda"), torch.full((rows,), 0.9, device="cuda")))

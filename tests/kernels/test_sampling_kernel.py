@@ -6,6 +6,8 @@ import torch
 
 from kubrick.engine.kernels.sampling import sample
 
+from .helpers import compiles_once_for_every_batch
+
 NEG_INF = float("-inf")
 
 
@@ -93,17 +95,10 @@ def test_sample_rows_on_the_gpu_keeps_a_seeded_request_s_draws_and_its_nucleus()
 
 @pytest.mark.gpu
 def test_one_compiled_kernel_pair_serves_every_batch_size():
-    # A compile mid-serving stalls every stream: batch sizes must change only the grid.
     from kubrick.engine.kernels import sampling
 
-    def compiled() -> tuple[int, int]:
-        return tuple(len(kernel.device_caches[torch.cuda.current_device()][0])
-                     for kernel in (sampling._split_best_kernel, sampling._combine_kernel))
-
-    x = torch.randn(64, 201_088, device="cuda")
-    after_first = None
-    for rows in (1, 2, 5, 9, 17, 33, 64):  # 197 splits of a row down to 33 a row
-        sample(x[:rows], torch.ones(rows, device="cuda"), torch.full((rows,), NEG_INF, device="cuda"),
-               _keys(rows).cuda())
-        after_first = after_first or compiled()
-        assert compiled() == after_first
+    x = torch.randn(64, 201_088, device="cuda")  # 197 splits of a row at 1 row, 33 at 64
+    assert compiles_once_for_every_batch(
+        (sampling._split_best_kernel, sampling._combine_kernel),
+        lambda rows: sample(x[:rows], torch.ones(rows, device="cuda"), torch.full((rows,), NEG_INF, device="cuda"),
+                            _keys(rows).cuda()))
