@@ -11,7 +11,7 @@ An A/B alternates two trees in one call, e.g. against the last commit's attentio
                    cp /tmp/new.py kubrick/engine/kernels/attention.py; python3 scripts/bench_decode.py --label new; done
 
 --timeline prints, instead, where the batch-1 graph step's time goes kernel by kernel (torch.profiler over 6
-replays at contexts 128 and 4096): under programmatic dependent launch a kernel starts while the one before
+replays at contexts 128 and 4096; then the static batch-64 step at context 1024): under programmatic dependent launch a kernel starts while the one before
 still runs, so durations overlap; a kernel's *increment*, its end minus the latest end before it, is what it adds
 to the step, and the increments sum to the step.
 
@@ -110,31 +110,64 @@ def kernel_increments(events: list[tuple[str, float, float]]) -> tuple[dict[str,
     return increments, durations, idle
 
 
-def timeline(model, config, context: int, steps: int = 6) -> None:
-    """Print the batch-1 graph step's kernels by increment (see the module docstring); the first step is dropped."""
+def profiled_increments(step, steps: int, label: str) -> None:
+    """Run `step` `steps` times under torch.profiler and print its kernels by increment (the first step dropped,
+    its start follows the profiler's)."""
     import json
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    decoder, cache, token = graph_decoder(model, config, context, context + 4 * steps + 8)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            token = decoder.step(token)[-1].argmax().view(1)
+            step()
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
         with open(trace.name) as f:
             kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
     kernels.sort(key=lambda e: e["ts"])
-    kept = kernels[len(kernels) // steps:]  # without the first step (its start follows the profiler's)
+    kept = kernels[len(kernels) // steps:]
     increments, durations, idle = kernel_increments([(e["name"][:70], e["ts"], e["dur"]) for e in kept])
     n = steps - 1
-    print(f"batch 1, context {context}: {sum(increments.values()) / n:.1f} us a step, of which no kernel running "
+    print(f"{label}: {sum(increments.values()) / n:.1f} us a step, of which no kernel running "
           f"{idle / n:.1f} us (increment / duration per step, by kernel)", flush=True)
     for name, us in sorted(increments.items(), key=lambda kv: -kv[1]):
         print(f"  {us / n:8.1f} us  {durations[name] / n:8.1f} us  {name}", flush=True)
+
+
+def timeline(model, config, context: int, steps: int = 6) -> None:
+    """Print the batch-1 graph step's kernels by increment (see the module docstring)."""
+    decoder, cache, token = graph_decoder(model, config, context, context + 4 * steps + 8)
+    state = {"token": token}
+
+    def step():
+        state["token"] = decoder.step(state["token"])[-1].argmax().view(1)
+
+    profiled_increments(step, steps, f"batch 1, context {context}")
+    del decoder, cache
+
+
+def timeline_batched(model, config, batch: int, context: int = 1024, steps: int = 6) -> None:
+    """The same for the static batched graph step at `batch` sequences of `context` tokens (as bench_decode's
+    batch figures run it)."""
+    from kubrick.engine.fast_model import CudaGraphBatchDecoder
+
+    cache = model.new_batched_cache(batch, context + steps + 8)
+    for t in cache.keys + cache.values:
+        t.normal_()
+    decoder = CudaGraphBatchDecoder(model, cache, buckets=[batch])
+    state = {"tokens": torch.randint(0, config.vocab_size - 1000, (batch,), device="cuda"),
+             "positions": torch.full((batch,), context, dtype=torch.long, device="cuda")}
+
+    def step():
+        state["tokens"] = decoder.step(state["tokens"], state["positions"])[:batch].argmax(dim=-1)
+        state["positions"] = state["positions"] + 1
+
+    for _ in range(2):
+        step()
+    profiled_increments(step, steps, f"static batch {batch}, context {context}")
     del decoder, cache
 
 
@@ -142,7 +175,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", default="", help="printed first on the line")
     parser.add_argument("--skip", default="", help=f"comma-separated kernels to leave out: {', '.join(SKIPPABLE)}")
-    parser.add_argument("--timeline", action="store_true", help="where the batch-1 step's time goes, kernel by kernel")
+    parser.add_argument("--timeline", action="store_true", help="where the batch-1 and batch-64 steps' time goes, kernel by kernel")
     args = parser.parse_args()
     skip = {name for name in args.skip.split(",") if name}
     if skip - set(SKIPPABLE):
@@ -157,6 +190,7 @@ def main() -> int:
     if args.timeline:
         for context in (128, 4096):
             timeline(model, config, context)
+        timeline_batched(model, config, 64)
         return 0
     figures = [f"b1 ctx128 {batch_one(model, config, 128):.1f}", f"b1 ctx4096 {batch_one(model, config, 4096):.1f}"]
     figures += [f"b{row['batch']} {row['tok_s']:.0f}"
