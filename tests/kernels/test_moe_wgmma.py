@@ -55,7 +55,8 @@ def test_each_lane_reads_one_run_of_bytes_and_a_byte_gives_the_pair_8_apart():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _on_sm90(), reason="Gluon wgmma kernels: sm90 only")
-@pytest.mark.parametrize("tokens,table", [(1, "moe_wgmma"), (13, "moe_wgmma"), (64, "moe_wgmma"), (144, "moe_wgmma"),
+@pytest.mark.parametrize("tokens,table", [(1, "moe_wgmma_small"), (13, "moe_wgmma_small"), (32, "moe_wgmma_small"),
+                                          (1, "moe_wgmma"), (13, "moe_wgmma"), (64, "moe_wgmma"), (144, "moe_wgmma"),
                                           (145, "moe_wgmma_mid"), (600, "moe_wgmma_mid")])
 def test_moe_wgmma_matches_reference_at_the_20b_shape(tokens, table):
     x, ids, weights, w = random_moe(tokens=tokens, hidden=2880, inter=2880, experts=32, topk=4,
@@ -92,9 +93,9 @@ def test_moe_grouped_hands_small_calls_to_moe_wgmma_on_sm90(monkeypatch):
     calls = []
     real = module.moe_wgmma
     monkeypatch.setattr(module, "moe_wgmma", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    for tokens in (64, 200, 1100):  # 256 and 800 pairs: Gluon (two tables); 4,400 (past 4,096): the Triton tiles
+    for tokens in (16, 64, 200, 1100):  # 64, 256 and 800 pairs: Gluon (three tables); 4,400: the Triton tiles
         x, ids, weights, w = random_moe(tokens=tokens, hidden=2880, inter=2880, experts=32, topk=4,
                                         dtype=torch.bfloat16, device=torch.device("cuda"))
         assert rel_error(moe_grouped(x, ids, weights, *w), reference.moe(x, ids, weights, *w)) < 1e-2
     moe_grouped(x[:64], ids[:64], weights[:64], *w, config=dict(BLOCK_M=16))  # a config: the Triton tiles
-    assert calls == [64, 200]
+    assert calls == [16, 64, 200]

@@ -34,9 +34,9 @@ def interpreting() -> bool:
 #   attn_prefill: BLOCK_M, BLOCK_N, warps, stages;  attn_decode: BLOCK_N, warps, stages
 #   linear_gemv: BLOCK_N (rows of W per program), BLOCK_K, warps, AHEAD (the first step of W loaded before the
 #                PDL wait, default on; kernels/linear.py, one token)
-#   moe_wgmma, moe_wgmma_mid: sm90's Gluon MoE (moe_wgmma.py): BLOCK_M pairs, BLOCK_N rows, BLOCK_K, STAGES of
-#              SUB steps, warps; moe_grouped hands it calls of at most MAX_PAIRS pairs (0: never), the first entry
-#              whose MAX_PAIRS holds the call
+#   moe_wgmma_small, moe_wgmma, moe_wgmma_mid: sm90's Gluon MoE (moe_wgmma.py): BLOCK_M pairs, BLOCK_N rows,
+#              BLOCK_K, STAGES of SUB steps, warps; moe_grouped hands it calls of at most MAX_PAIRS pairs (0: never),
+#              the first entry whose MAX_PAIRS holds the call
 _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
     "interp": {
         "moe_gemv": dict(BLOCK_I=16, BLOCK_N=16, BLOCK_K=64, num_warps=4, MAX_PAIRS=64),
@@ -45,7 +45,8 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_prefill": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1),
         "attn_decode": dict(BLOCK_N=16, num_warps=4, num_stages=1),
         "linear_gemv": dict(BLOCK_N=16, BLOCK_K=32, num_warps=4),
-        "moe_wgmma": dict(MAX_PAIRS=0),  # sm90 only (Gluon compiles, never interprets)
+        "moe_wgmma_small": dict(MAX_PAIRS=0),  # sm90 only (Gluon compiles, never interprets)
+        "moe_wgmma": dict(MAX_PAIRS=0),
         "moe_wgmma_mid": dict(MAX_PAIRS=0),
     },
     "big_smem": {  # sm80 (A100), sm90 (H100/H200), sm100 (B200); MoE entries: best of the H100 sweeps
@@ -60,7 +61,8 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         # AHEAD: the first K step of W loaded before the PDL wait (with mlp2's and the router's loads ahead,
         # batch 1 +3.5 % over waiting first, and 2 steps did no better: BENCHMARKS.md run 35)
         "linear_gemv": dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, AHEAD=True),
-        "moe_wgmma": dict(MAX_PAIRS=0),  # measured on sm90 only
+        "moe_wgmma_small": dict(MAX_PAIRS=0),  # measured on sm90 only
+        "moe_wgmma": dict(MAX_PAIRS=0),
         "moe_wgmma_mid": dict(MAX_PAIRS=0),
     },
     "sm90": {},  # H100/H200: big_smem with the grouped MoE on FAST_FP4 and W_FIRST (filled in below)
@@ -71,6 +73,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
         "attn_prefill": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
         "attn_decode": dict(BLOCK_N=64, num_warps=4, num_stages=2),
         "linear_gemv": dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
+        "moe_wgmma_small": dict(MAX_PAIRS=0),
         "moe_wgmma": dict(MAX_PAIRS=0),
         "moe_wgmma_mid": dict(MAX_PAIRS=0),
     },
@@ -82,10 +85,10 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 # - Small steps: our inline-PTX decode (FAST_FP4) on tl.dot in 16-row tiles. It beat tl.dot_scaled (which took
 #   the packed weights as stored, but whose MXFP4 upcast costs ~9 instructions a code against ~4.4): 287 / 295 /
 #   297 / 400 us against 379 / 390 / 389 / 534 at 16 / 32 / 64 / 128 tokens (`--sweep-small`). Since run 37 the
-#   Gluon kernels (moe_wgmma below) take these steps, and the GEMV keeps up to 10 tokens: 139.8 / 153.5 / 167.2 /
-#   178.7 / 196.1 / 222.1 us against moe_wgmma's 154.5 / 161.0 / 167.5 / 175.9 / 181.7 / 190.9 at 8 / 9 / 10 / 11 /
-#   12 / 14 tokens (H100, `bench_kernels.gemv_against_grouped`, BENCHMARKS.md run 37). The paged buckets are 8 and
-#   16 rows, so only eager steps of 9-14 tokens see the difference.
+#   Gluon kernels (moe_wgmma below) take these steps, and the GEMV keeps up to 8 tokens: at 9 / 10 tokens it took
+#   153.4 / 167.1 us against the 8-pair Gluon tiles' 150.3 / 156.4 (H100, BENCHMARKS.md run 45; at 8 tokens run 37
+#   had 139.8 against the 16-pair tiles' 154.5). The paged buckets are 8 and 16 rows, so only eager steps of 9-10
+#   tokens see the handover.
 # - Larger steps: FAST_FP4 with the weights as the dot's first operand (W_FIRST: wgmma's register operand, see
 #   moe_grouped.py) in 64 x 64 x 32 tiles, which replaced dot_scaled's 128-row tiles (`--sweep-w-first`, H200,
 #   2026-11-23): 410 / 605 / 986 / 1798 us against 545 / 855 / 1233 / 2045 at 256 / 512 / 1024 / 2048 tokens;
@@ -97,7 +100,7 @@ _TABLE: dict[str, dict[str, dict[str, int | str]]] = {
 #   tokens against 36.0 / 191.2 on the float32 layout with its own best blocks (BENCHMARKS.md, run 33).
 _TABLE["sm90"] = _TABLE["big_smem"] | {
     "moe_gemv": dict(BLOCK_I=8, BLOCK_K=1024, num_warps=8, MLP2=dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
-                     MAX_PAIRS=4 * 10, HALF=True),
+                     MAX_PAIRS=4 * 8, HALF=True),
     "moe_grouped": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=5, FAST_FP4=True, W_FIRST=True,
                         MLP2=dict(BLOCK_N=128, num_warps=4)),
     # mlp2 (K = intermediate, N = hidden) on its own tile of 256 rows x 64 values: 279 vs 294 us at 64 tokens;
@@ -108,6 +111,13 @@ _TABLE["sm90"] = _TABLE["big_smem"] | {
     # 205 / 233 / 304 / 341 us a layer against the small table's 256 / 269 / 366 / 396 at 16 / 64 / 128 / 144
     # tokens (`bench_kernels.py --sweeps-only --sweep-wgmma`, BENCHMARKS.md run 37); at 256 tokens and more these
     # tiles lose (499 against W_FIRST's 417), so they take the small table's range
+    # Up to 32 tokens, tiles of 8 pairs (wgmma's N 8; half the activations' ring, so more programs an SM): 150.3 /
+    # 192.3 / 208.3 / 221.8 against 16 pairs' 158.6 / 202.6 / 219.0 / 225.1 us a layer at 9 / 16 / 32 / 48 tokens,
+    # but 257.5 against 229.1 at 64 (experts then hold ~8 pairs, and a second tile of one reads its weights
+    # again); `python3 scripts/experiments/blockm_sweep.py`. The engine's static batch at context 1024
+    # (`python3 scripts/experiments/moe_small_tiles_ab.py`): +5 / +4 / +2 % at 10 / 16 / 32 sequences, -2 % at 48,
+    # so up to 32 (BENCHMARKS.md run 45).
+    "moe_wgmma_small": dict(BLOCK_M=8, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 32),
     "moe_wgmma": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 144),
     # and above, prompt chunks beside decodes: 64 pairs x 128 rows, single steps 4 deep: 385 / 575 / 969 us against
     # W_FIRST's 417 / 609 / 990 at 256 / 512 / 1024 tokens (the same sweep); the Triton prefill tiles keep longer

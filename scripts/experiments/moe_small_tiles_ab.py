@@ -1,0 +1,33 @@
+"""Engine A/B of the moe_wgmma_small entry (8-pair Gluon tiles up to 32 tokens, the GEMV up to 8): the static
+batched decode graph at 10-64 sequences of context 1024, alternating the entry off (MAX_PAIRS 0, the GEMV up to
+10 tokens, as before run 45) and on, twice. Run on an H100 from the repository root:
+
+  python3 scripts/experiments/moe_small_tiles_ab.py
+"""
+
+import sys
+
+sys.path.insert(0, "scripts")
+
+import bench_engine  # noqa: E402
+import bench_kernels  # noqa: E402
+import kubrick.engine.fast_model as fast_model  # noqa: E402
+from kubrick.engine.kernels import _common  # noqa: E402
+
+SM90 = _common._TABLE["sm90"]
+ON = (SM90["moe_wgmma_small"]["MAX_PAIRS"], SM90["moe_gemv"]["MAX_PAIRS"])
+OFF = (0, 40)
+
+
+def main() -> None:
+    config, weights = bench_kernels.random_20b_weights()
+    model = fast_model.FastTransformer(config, weights)
+    for _ in range(2):
+        for label, (small, gemv) in (("off", OFF), ("on", ON)):
+            SM90["moe_wgmma_small"]["MAX_PAIRS"], SM90["moe_gemv"]["MAX_PAIRS"] = small, gemv
+            rows = bench_engine.decode_batched(model, config, [10, 16, 32, 48, 64], 1024, 32)
+            print(label, "  ".join(f"b{row['batch']} {row['tok_s']:.0f}" for row in rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
