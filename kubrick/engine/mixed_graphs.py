@@ -36,7 +36,9 @@ from kubrick.engine.step_staging import StepStaging
 if TYPE_CHECKING:
     from kubrick.engine.fast_model import FastTransformer, PagedStep
 
-BUCKETS = (64, 128, 256, 512)  # rows of a step; from 64 up, so every bucket takes the grouped MoE path
+# Rows of a step; from 64 up, so every bucket takes the grouped MoE path. The engine captures those below its
+# step budget (KUBRICK_STEP_TOKENS) and one of the budget itself, up to the last.
+BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
 class PagedMixedGraphs:
