@@ -429,6 +429,38 @@ def sweep_rope(layers: int, token_counts: tuple[int, ...] = (1, 8, 16, 64, 512, 
     return rows
 
 
+def sweep_router(layers: int, token_counts: tuple[int, ...] = (1, 8, 16, 64, 128, 512)) -> list[dict]:
+    """norm_router as the model calls it (float32 stream + bf16 out-projection, norm, bf16-rounded logits; the
+    MoE GEMV's input layout up to 8 tokens) at 1-64 programs a row, beside its default."""
+    from kubrick.engine.kernels import uses_gemv
+    from kubrick.engine.kernels.moe_gemv import new_gemv_input
+    from kubrick.engine.kernels.router import norm_router
+
+    rows = []
+    gates = [(torch.randn(EXPERTS, HIDDEN, device="cuda", dtype=BF16) / 50,
+              torch.randn(EXPERTS, device="cuda", dtype=BF16)) for _ in range(layers)]
+    norm_w = torch.rand(HIDDEN, device="cuda") + 0.5
+    for tokens in token_counts:
+        xs = [torch.randn(tokens, HIDDEN, device="cuda") for _ in range(layers)]
+        ys = [torch.randn(tokens, HIDDEN, device="cuda", dtype=BF16) for _ in range(layers)]
+        streams = [torch.empty_like(x) for x in xs]
+        gemv = new_gemv_input(tokens, HIDDEN, BF16, torch.device("cuda")) if uses_gemv(tokens, TOPK, xs[0].device) \
+            else None
+        for splits in (None, 1, 2, 4, 8, 16, 32, 64):
+            calls = [lambda x=x, y=y, g=g, s=s: norm_router(x, y, norm_w, 1e-5, *g, TOPK, stream=s, gemv_out=gemv,
+                                                            round_logits=True, splits=splits)
+                     for x, y, g, s in zip(xs, ys, gates, streams)]
+            try:
+                us = time_per_call(calls) * 1e6
+            except Exception as exc:  # a split too thin for a K step
+                print(f"norm_router T={tokens} splits {splits}: failed: {str(exc).splitlines()[0][:100]}", flush=True)
+                continue
+            name = "default" if splits is None else f"{splits} a row"
+            rows.append(dict(kernel="norm_router", tokens=tokens, config=name, us=us))
+            print(f"norm_router T={tokens} {name}: {us:.1f} us", flush=True)
+    return rows
+
+
 def sweep_top_p(vocab: int = 201_088, row_counts: tuple[int, ...] = (1, 8, 64)) -> list[dict]:
     """nucleus.top_p_cut over its block sizes and warps, on bf16 and float32 logits (the scheduler's are float32),
     against the sort it replaced (sampler.cuts): temperature 1, top_p 0.9."""
@@ -708,6 +740,8 @@ def main() -> None:
                         help="also time the MoE's grouping of pairs by expert, split over programs or not")
     parser.add_argument("--sweep-rope", action="store_true",
                         help="also time RoPE + KV write with 1-32 heads of a token a program")
+    parser.add_argument("--sweep-router", action="store_true",
+                        help="norm_router at 1-64 programs a row, 1-512 tokens (its split heuristic)")
     parser.add_argument("--sweep-top-p", action="store_true",
                         help="also time the top-p cut (nucleus.py) over its blocks and warps against the sort")
     parser.add_argument("--sweeps-only", action="store_true", help="skip the kernel figures, run only the sweeps asked")
@@ -738,6 +772,8 @@ def main() -> None:
         sweep_rows += sweep_grouping(args.layers)
     if args.sweep_rope:
         sweep_rows += sweep_rope(args.layers)
+    if args.sweep_router:
+        sweep_rows += sweep_router(8)
     if args.sweep_top_p:
         sweep_rows += sweep_top_p()
     if args.model:

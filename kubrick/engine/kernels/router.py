@@ -129,15 +129,22 @@ def _router_kernel(
                            BLOCK_TOPK, ROUND_BF16)
 
 
-def _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gemv_out):
+def default_splits(tokens: int, hidden: int, block_k: int, sms: int) -> int:
+    """Programs a row: enough to spread W over the SMs, each at least two K steps."""
+    splits = 1
+    while tokens * splits < sms and hidden >= splits * 2 * block_k:
+        splits *= 2
+    return splits
+
+
+def _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gemv_out, splits=None):
     tokens, hidden = x.shape
     n_experts = weight.shape[0]
     assert weight.is_contiguous() and x.stride(-1) == 1
     block_e = triton.next_power_of_2(n_experts)
     block_k = max(16, min(triton.next_power_of_2(hidden), 4096 // block_e))
-    splits = 1  # enough programs to spread W over the SMs, each at least one K step
-    while tokens * splits < num_sms(x.device) and hidden >= splits * 2 * block_k:
-        splits *= 2
+    if splits is None:
+        splits = default_splits(tokens, hidden, block_k, num_sms(x.device))
     if stream is not None and splits > 1:  # each program reads the whole row of x while others write stream
         assert stream.data_ptr() != x.data_ptr(), "the stream may not be x itself when the row is split"
     k_per_split = triton.cdiv(triton.cdiv(hidden, splits), block_k) * block_k
@@ -172,14 +179,14 @@ def router(
 def norm_router(
     x: torch.Tensor, y: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
     bias: torch.Tensor, k: int, dtype: torch.dtype | None = None, stream: torch.Tensor | None = None,
-    gemv_out: GemvInput | None = None, round_logits: bool = False,
+    gemv_out: GemvInput | None = None, round_logits: bool = False, splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """t = RMSNorm(h) * norm_weight, routed -> (t [T, H], expert ids, routing weights), in one launch.
 
     h = x + y summed as `dtype` sums (default y's dtype, or x's without y; x, if float32 and dtype narrower, is
     the float32 stream and is rounded to dtype first), as rmsnorm.add_rmsnorm computes it. stream: a float32
     [T, H] buffer (not x itself) that receives h. gemv_out: a GemvInput for T rows of H (moe_gemv.new_gemv_input)
-    that also receives t in moe_gemv's input layout.
+    that also receives t in moe_gemv's input layout. splits: programs a row (default: default_splits).
     """
     tokens, hidden = x.shape
     dtype = dtype or (y.dtype if y is not None else x.dtype)
@@ -191,6 +198,6 @@ def norm_router(
     if gemv_out is not None:
         assert gemv_out.data.is_contiguous() and gemv_out.data.shape[0] == tokens
         assert gemv_out.data.numel() * gemv_out.data.element_size() == x.numel() * (2 if gemv_out.half else 4)
-    ids, weights = _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gemv_out)
+    ids, weights = _route(x, y, norm_weight, eps, weight, bias, k, round_logits, t, stream, gemv_out, splits)
     return t, ids, weights
 
