@@ -13,7 +13,7 @@ from kubrick.engine.kernels.moe_gemv import moe_gemv  # noqa: E402
 from kubrick.engine.kernels.moe_wgmma import moe_wgmma  # noqa: E402
 
 BASE = dict(BLOCK_K=64, num_warps=4)
-TILES = [(16, 64, 2, 5), (8, 64, 2, 5), (8, 128, 2, 5), (8, 64, 2, 3)]  # BLOCK_M, BLOCK_N, STAGES, SUB
+TILES = [(16, 64, 2, 5), (8, 64, 2, 5), (8, 64, 3, 5), (8, 128, 2, 5), (8, 64, 2, 3)]  # BLOCK_M, BLOCK_N, STAGES, SUB
 
 
 def runs(tokens):
