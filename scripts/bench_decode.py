@@ -11,9 +11,9 @@ An A/B alternates two trees in one call, e.g. against the last commit's attentio
                    cp /tmp/new.py kubrick/engine/kernels/attention.py; python3 scripts/bench_decode.py --label new; done
 
 --timeline prints, instead, where the batch-1 graph step's time goes kernel by kernel (torch.profiler over 6
-replays at contexts 128 and 4096; then the static batch-64 step at context 1024): under programmatic dependent launch a kernel starts while the one before
-still runs, so durations overlap; a kernel's *increment*, its end minus the latest end before it, is what it adds
-to the step, and the increments sum to the step.
+replays at contexts 128 and 4096; then the static batch-64 step at context 1024): under programmatic dependent
+launch a kernel starts while the one before still runs, so durations overlap; a kernel's *increment*, its end
+minus the latest end before it, is what it adds to the step, and the increments sum to the step.
 
 --skip rope,norm,combine leaves those kernels out of the step (RoPE + KV write, the attention's RMSNorm, the
 attention's split combine): the numbers are wrong, the time is what the step would take if fusing them away
@@ -175,7 +175,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", default="", help="printed first on the line")
     parser.add_argument("--skip", default="", help=f"comma-separated kernels to leave out: {', '.join(SKIPPABLE)}")
-    parser.add_argument("--timeline", action="store_true", help="where the batch-1 and batch-64 steps' time goes, kernel by kernel")
+    parser.add_argument("--timeline", action="store_true",
+                        help="where the batch-1 and batch-64 steps' time goes, kernel by kernel")
     args = parser.parse_args()
     skip = {name for name in args.skip.split(",") if name}
     if skip - set(SKIPPABLE):

@@ -390,7 +390,8 @@ def _paths(launch: dict) -> dict:
 def _wgmma_config(x: torch.Tensor, pairs: int, inter: int, config: dict | None) -> dict | None:
     """The launch settings of sm90's Gluon kernels (moe_wgmma.py) when they take this call, else None: up to the
     block table's MAX_PAIRS of moe_wgmma_small, moe_wgmma or moe_wgmma_mid (0 on other GPUs), bf16 activations,
-    shapes they support. A config names the Triton tiles' settings, so with one the Triton tiles run (unless WGMMA=True)."""
+    shapes they support. A config names the Triton tiles' settings, so with one the Triton tiles run (unless
+    WGMMA=True)."""
     if x.dtype != torch.bfloat16 or config and not config.get("WGMMA", False):
         return None
     for entry in ("moe_wgmma_small", "moe_wgmma", "moe_wgmma_mid"):  # decode batches, then prompt chunks

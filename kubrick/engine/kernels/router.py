@@ -130,7 +130,7 @@ def _router_kernel(
 
 
 def default_splits(tokens: int, hidden: int, block_k: int, sms: int) -> int:
-    """Programs a row: enough to spread W over the SMs, each at least two K steps."""
+    """Programs a row: enough to spread W over the SMs, each at least one K step."""
     splits = 1
     while tokens * splits < sms and hidden >= splits * 2 * block_k:
         splits *= 2
