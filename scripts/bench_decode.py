@@ -152,23 +152,12 @@ def timeline(model, config, context: int, steps: int = 6) -> None:
 def timeline_batched(model, config, batch: int, context: int = 1024, steps: int = 6) -> None:
     """The same for the static batched graph step at `batch` sequences of `context` tokens (as bench_decode's
     batch figures run it)."""
-    from kubrick.engine.fast_model import CudaGraphBatchDecoder
-
-    cache = model.new_batched_cache(batch, context + steps + 8)
-    for t in cache.keys + cache.values:
-        t.normal_()
-    decoder = CudaGraphBatchDecoder(model, cache, buckets=[batch])
-    state = {"tokens": torch.randint(0, config.vocab_size - 1000, (batch,), device="cuda"),
-             "positions": torch.full((batch,), context, dtype=torch.long, device="cuda")}
-
-    def step():
-        state["tokens"] = decoder.step(state["tokens"], state["positions"])[:batch].argmax(dim=-1)
-        state["positions"] = state["positions"] + 1
-
+    decoder = bench_engine.batched_decoder(model, [batch], context, steps + 2)
+    step = bench_engine.greedy_batch_step(decoder, config, batch, context)
     for _ in range(2):
         step()
     profiled_increments(step, steps, f"static batch {batch}, context {context}")
-    del decoder, cache
+    del decoder
 
 
 def main() -> int:

@@ -208,26 +208,36 @@ def prefill(model, config, prompt_tokens: int, chunk: int) -> float:
     return _timed(run, 3)
 
 
-def decode_batched(model, config, batches, context: int, steps: int) -> list[dict]:
-    """Decode at each batch size through CudaGraphBatchDecoder (one graph per bucket, static batched cache).
-    Each sequence holds `context` cached tokens (random keys/values: attention's cost does not depend on them)."""
+def batched_decoder(model, batches, context: int, steps: int):
+    """A CudaGraphBatchDecoder (one graph per bucket of `batches`) over a static batched cache whose sequences hold
+    `context` cached tokens (random keys/values: attention's cost does not depend on them), room for `steps` more."""
     from kubrick.engine.fast_model import CudaGraphBatchDecoder
 
     cache = model.new_batched_cache(max(batches), context + steps + 8)
     for t in cache.keys + cache.values:
         t.normal_()
-    decoder = CudaGraphBatchDecoder(model, cache, buckets=batches)
+    return CudaGraphBatchDecoder(model, cache, buckets=batches)
+
+
+def greedy_batch_step(decoder, config, batch: int, context: int):
+    """A function that runs one greedy decode step of `batch` sequences from position `context` on."""
+    state = {"tokens": torch.randint(0, config.vocab_size - 1000, (batch,), device="cuda"),
+             "positions": torch.full((batch,), context, dtype=torch.long, device="cuda")}
+
+    def step():
+        logits = decoder.step(state["tokens"], state["positions"])
+        state["tokens"] = logits[:batch].argmax(dim=-1)
+        state["positions"] = state["positions"] + 1
+
+    return step
+
+
+def decode_batched(model, config, batches, context: int, steps: int) -> list[dict]:
+    """Decode at each batch size through CudaGraphBatchDecoder (one graph per bucket, static batched cache)."""
+    decoder = batched_decoder(model, batches, context, steps)
     rows = []
     for batch in batches:
-        state = {"tokens": torch.randint(0, config.vocab_size - 1000, (batch,), device="cuda"),
-                 "positions": torch.full((batch,), context, dtype=torch.long, device="cuda")}
-
-        def step():
-            logits = decoder.step(state["tokens"], state["positions"])
-            state["tokens"] = logits[:batch].argmax(dim=-1)
-            state["positions"] = state["positions"] + 1
-
-        seconds = _timed(step, steps)
+        seconds = _timed(greedy_batch_step(decoder, config, batch, context), steps)
         rows.append({"batch": batch, "context": context, "s_per_step": seconds, "tok_s": batch / seconds})
     return rows
 
