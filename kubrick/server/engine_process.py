@@ -124,13 +124,21 @@ class EngineProcess:
         self._conn.close()
 
     def _send(self, message: tuple) -> None:
-        if self._exited:
-            raise EngineError(self._exited)
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except OSError:
-            raise EngineError(self._exited or "the engine process is gone") from None
+        if not self._exited:
+            try:
+                with self._send_lock:
+                    self._conn.send(message)
+                return
+            except OSError:
+                pass  # the process died: its exit is being reported
+        self._wait_for_exit_report()
+        raise EngineError(self._exited or "the engine process is gone")
+
+    def _wait_for_exit_report(self, timeout: float = 10.0) -> None:
+        """Let the receiver finish reporting the exit, so that on_exit has run (the model words its errors there)
+        before a sender sees the reason."""
+        if self._receiver is not None and self._receiver is not threading.current_thread():
+            self._receiver.join(timeout)
 
     def _receive(self, on_events: EventsCallback, on_exit: Callable[[str], None]) -> None:
         while True:

@@ -114,6 +114,28 @@ def test_a_dead_engine_process_is_reported_and_new_requests_fail_at_once(tiny_ch
         engine.stop()
 
 
+def test_a_request_sent_while_the_exit_is_being_reported_waits_for_the_report(tiny_checkpoint):
+    """The model words its clients' error in on_exit (the remedy: restarting or not); a request that meets the dead
+    process while on_exit still runs must not fail before it has (the race CI met: "the engine process is gone")."""
+    engine = EngineProcess.start({"checkpoint": str(tiny_checkpoint), "device": "cpu",
+                                  "context_length": TEST_CONTEXT_LENGTH})
+    reported = []
+
+    def slow_on_exit(why: str) -> None:
+        time.sleep(1.0)
+        reported.append(why)
+
+    engine.listen(on_events=lambda batch: None, on_exit=slow_on_exit)
+    try:
+        os.kill(engine.process.pid, signal.SIGKILL)
+        time.sleep(0.3)  # the receiver is inside on_exit now
+        with pytest.raises(EngineError, match=r"^the engine process exited \(exit code -9\)$"):
+            engine.submit(1, HELLO, SamplingParams())
+        assert reported == ["the engine process exited (exit code -9)"]
+    finally:
+        engine.stop()
+
+
 def test_through_the_server_a_dead_engine_ends_its_requests_with_an_error_and_comes_back(tiny_checkpoint):
     """Kill the engine process under a real tritonserver: the stream in flight ends with an error event that says
     what happened, the engine is started again and serves the next requests; killed again at once (a crash loop),
