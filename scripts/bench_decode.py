@@ -15,9 +15,9 @@ replays at contexts 128 and 4096; then the static batch-64 step at context 1024)
 launch a kernel starts while the one before still runs, so durations overlap; a kernel's *increment*, its end
 minus the latest end before it, is what it adds to the step, and the increments sum to the step.
 
---skip rope,norm,combine leaves those kernels out of the step (RoPE + KV write, the attention's RMSNorm, the
-attention's split combine): the numbers are wrong, the time is what the step would take if fusing them away
-cost nothing, the upper bound of such a fusion.
+--skip rope,norm,combine leaves those kernels out of the step (RoPE + KV write, at one token the QKV GEMV's
+epilogue; the attention's RMSNorm; the attention's split combine): the numbers are wrong, the time is what the
+step would take if fusing them away cost nothing, the upper bound of such a fusion.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ SKIPPABLE = ("rope", "norm", "combine")
 
 def skip_kernels(names: set[str]) -> None:
     """Replace the named kernels by launches that do nothing (see the module docstring)."""
-    if "rope" in names:
-        def no_rope(qkv, cos, sin, rows, keys, values, q_heads, kv_heads, out=None):
+    if "rope" in names:  # the QKV projection alone (at one token the GEMV without its RoPE epilogue)
+        def no_rope(x, weight, bias, cos, sin, rows, keys, values, q_heads, kv_heads, out=None):
+            qkv = fast_model.linear(x, weight, bias)
             return qkv[:, : q_heads * (qkv.shape[1] // (q_heads + 2 * kv_heads))].view(qkv.shape[0], q_heads, -1)
-        fast_model.rope_and_cache = no_rope
+        fast_model.qkv_rope_cache = no_rope
     if "norm" in names:
         def no_norm(x, weight, eps, dtype=None, **_):
             if x.dtype == dtype:

@@ -166,6 +166,7 @@ class Engine:
             )
         module, name = IMPLEMENTATIONS[implementation]
         self.model = getattr(importlib.import_module(module), name)(self.config, weights)
+        del weights  # the model holds what it needs (the Triton one re-lays some tensors out: no second copy)
         self.cache = self.model.new_cache(context_length)
         self.cached_tokens: list[int] = []  # the tokens whose keys/values the cache holds
         self.prefill_chunk = PREFILL_CHUNK

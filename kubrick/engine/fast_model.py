@@ -3,7 +3,8 @@
 `FastTransformer(config, weights)` is a drop-in for `model.Transformer` (same `forward(tokens, cache)`,
 `new_cache`, `weights_bytes`), checked against it in tests/kernels/test_fast_model.py. Per layer:
 RMSNorm kernel -> QKV matmul -> one kernel for YaRN RoPE (cos/sin from the reference's own RotaryEmbedding) +
-keys/values written into the reference KVCache in place -> sink attention kernel (prefill: flash-style; one new
+keys/values written into the reference KVCache in place (for one token both in one launch, the GEMV's rows
+stored in RoPE's pairs) -> sink attention kernel (prefill: flash-style; one new
 token: split-KV decode) -> out matmul -> one kernel for the residual add, RMSNorm (at decode also in the MoE
 GEMV's input layout) and the router (bf16-rounded logits, as the reference's bf16 matmul picks) -> MXFP4 MoE
 kernel (GEMV for few tokens, expert tiles for many), which sums the experts into the residual stream.
@@ -42,7 +43,7 @@ from kubrick.engine.kernels.attention import (attention_decode, attention_prefil
 from kubrick.engine.kernels.linear import linear
 from kubrick.engine.kernels.moe_gemv import new_gemv_input
 from kubrick.engine.kernels.rmsnorm import rmsnorm
-from kubrick.engine.kernels.rope import rope_and_cache
+from kubrick.engine.kernels.rope import interleave_rope_rows, qkv_rope_cache
 from kubrick.engine.kernels.router import norm_router
 from kubrick.engine.kernels.step_inputs import KV_LENS_EACH, KV_LENS_LAST, KV_LENS_NONE, step_inputs
 from kubrick.engine.kv_cache import KVCache
@@ -56,8 +57,15 @@ class FastTransformer:
     takes_device_tokens = True  # forward_batch may feed the last step's picks without reading them back
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]):
+        """weights: the checkpoint's tensors (not changed). The model's own dict holds the QKV projections with
+        their rows in RoPE's pairs instead (`…attn.qkv.weight.rope_pairs`, rope.interleave_rope_rows), so that
+        the one-token GEMV rotates in its epilogue: drop the caller's dict after this, or those stay twice."""
         self.config = config
-        self.w = weights
+        self.w = dict(weights)
+        for layer in range(config.num_hidden_layers):
+            for part in ("weight", "bias"):
+                name = f"block.{layer}.attn.qkv.{part}"
+                self.w[name + ".rope_pairs"] = interleave_rope_rows(self.w.pop(name), config.head_dim)
         self.embedding = weights["embedding.weight"]
         self.device, self.dtype = self.embedding.device, self.embedding.dtype
         self.rope = RotaryEmbedding(config, self.device)
@@ -200,10 +208,10 @@ class FastTransformer:
         c, p = self.config, f"block.{layer}.attn."
         keys, values = cache.keys[layer], cache.values[layer]  # pools [blocks, PAGE, KVH, D]
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, dtype=self.dtype)
-        qkv = linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
         rows = rows_window if c.is_sliding(layer) else rows_full
-        return rope_and_cache(qkv, cos, sin, rows, keys.flatten(0, 1), values.flatten(0, 1),
-                              c.num_attention_heads, c.num_key_value_heads, out=q_out)
+        return qkv_rope_cache(t, self.w[p + "qkv.weight.rope_pairs"], self.w[p + "qkv.bias.rope_pairs"], cos, sin,
+                              rows, keys.flatten(0, 1), values.flatten(0, 1), c.num_attention_heads,
+                              c.num_key_value_heads, out=q_out)
 
     def _paged_attention(self, layer, q, step: "PagedStep", cache: PagedKVCache,
                          out: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,8 +244,8 @@ class FastTransformer:
         n = x.shape[0]
         keys, values, batched_keys, batched_values = kv  # rows view [R, KVH, D]; per sequence [B, S, KVH, D]
         t = rmsnorm(x, self.w[p + "norm.scale"], c.rms_norm_eps, dtype=self.dtype)
-        qkv = linear(t, self.w[p + "qkv.weight"], self.w[p + "qkv.bias"])
-        q = rope_and_cache(qkv, cos, sin, rows, keys, values, c.num_attention_heads, c.num_key_value_heads)
+        q = qkv_rope_cache(t, self.w[p + "qkv.weight.rope_pairs"], self.w[p + "qkv.bias.rope_pairs"], cos, sin, rows,
+                           keys, values, c.num_attention_heads, c.num_key_value_heads)
         window = c.sliding_window if c.is_sliding(layer) else 0
         sinks = self.w[p + "sinks"]
         if start is None or n == 1:

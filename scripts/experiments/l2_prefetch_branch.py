@@ -82,9 +82,9 @@ def install(model, mode: str, fraction: float, hint: bool) -> None:
     after_linear, after_router = {}, {}
     for layer in range(layers):
         if "A" in mode:
-            after_linear[w[f"block.{layer}.attn.qkv.weight"].data_ptr()] = w[f"block.{layer}.attn.out.weight"]
+            after_linear[w[f"block.{layer}.attn.qkv.weight.rope_pairs"].data_ptr()] = w[f"block.{layer}.attn.out.weight"]
         if layer + 1 < layers:
-            following = w[f"block.{layer + 1}.attn.qkv.weight"]
+            following = w[f"block.{layer + 1}.attn.qkv.weight.rope_pairs"]
             if "B" in mode:
                 after_linear[w[f"block.{layer}.attn.out.weight"].data_ptr()] = following
             if "R" in mode:

@@ -9,7 +9,8 @@ from kubrick.engine.kernels.moe_gemv import moe_gemv
 from kubrick.engine.kernels.moe_grouped import moe_grouped
 from kubrick.engine.config import ModelConfig
 from kubrick.engine.kernels.rmsnorm import rmsnorm
-from kubrick.engine.kernels.rope import rope_and_cache
+from kubrick.engine.kernels.linear import linear
+from kubrick.engine.kernels.rope import interleave_rope_rows, qkv_rope_cache, rope_and_cache
 from kubrick.engine.model import RotaryEmbedding
 from kubrick.engine.kernels.router import router
 
@@ -124,3 +125,26 @@ def test_rope_and_cache_real_shape(n_tokens):
     expected = reference.rope_and_cache(qkv, cos, sin, positions, caches[2], caches[3], Q_HEADS, KV_HEADS)
     assert rel_error(q, expected) < 1e-2
     assert rel_error(caches[0], caches[2]) < 1e-2 and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("n_tokens", [1, 4])  # the fused GEMV, then linear + rope_and_cache
+def test_qkv_rope_cache_real_shape(n_tokens):
+    """20b's QKV projection with RoPE and the cache write in its epilogue: at one token exactly our GEMV followed
+    by rope_and_cache (the table's blocks on this GPU), and within bf16 of the reference either way."""
+    rope = RotaryEmbedding(ModelConfig(), torch.device("cuda"))
+    positions = torch.arange(4000, 4000 + n_tokens, device="cuda")
+    cos, sin = rope.cos_sin(positions)
+    rows = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+    w = torch.randn(rows, 2880, device="cuda", dtype=torch.bfloat16) / 2880**0.5
+    b = torch.randn(rows, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n_tokens, 2880, device="cuda", dtype=torch.bfloat16)
+    caches = [torch.zeros(4400, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
+    q = qkv_rope_cache(x, interleave_rope_rows(w, HEAD_DIM), interleave_rope_rows(b, HEAD_DIM), cos, sin, positions,
+                       caches[0], caches[1], Q_HEADS, KV_HEADS)
+    expected = reference.rope_and_cache(torch.nn.functional.linear(x, w, b), cos, sin, positions, caches[2], caches[3],
+                                        Q_HEADS, KV_HEADS)
+    assert rel_error(q, expected) < 1e-2
+    assert rel_error(caches[0], caches[2]) < 1e-2 and rel_error(caches[1], caches[3]) < 1e-2
+    if n_tokens == 1:
+        q_ours = rope_and_cache(linear(x, w, b), cos, sin, positions, caches[4], caches[5], Q_HEADS, KV_HEADS)
+        assert torch.equal(q, q_ours) and torch.equal(caches[0], caches[4]) and torch.equal(caches[1], caches[5])

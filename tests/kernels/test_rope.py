@@ -5,7 +5,8 @@ import torch
 
 from kubrick.engine.config import ModelConfig
 from kubrick.engine.kernels import reference
-from kubrick.engine.kernels.rope import rope_and_cache
+from kubrick.engine.kernels.linear import linear
+from kubrick.engine.kernels.rope import interleave_rope_rows, qkv_rope_cache, rope_and_cache
 from kubrick.engine.model import RotaryEmbedding
 
 from .helpers import rel_error
@@ -31,6 +32,61 @@ def test_rope_and_cache_matches_reference(device, dtype, bound, heads_per_progra
     # The model's own rotation of the query heads agrees too.
     model_q = rope.rotate(qkv[:, : q_heads * head_dim].reshape(n, q_heads, head_dim), cos, sin)
     assert rel_error(q, model_q) < bound
+
+
+def _random_case(device, dtype, n, q_heads=5, kv_heads=2, head_dim=64):
+    rope = RotaryEmbedding(ModelConfig(head_dim=head_dim), device)
+    positions = torch.arange(3, 3 + n, device=device)
+    cos, sin = rope.cos_sin(positions)
+    caches = [torch.full((10, kv_heads, head_dim), float("nan"), dtype=dtype, device=device) for _ in range(4)]
+    return cos, sin, positions, caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interleaved_rows_rotate_as_the_plain_layout(device, dtype):
+    """qkv whose heads are in interleave_rope_rows' order gives exactly what the plain order gives."""
+    q_heads, kv_heads, head_dim, n = 5, 2, 64, 4
+    cos, sin, positions, caches = _random_case(device, dtype, n, q_heads, kv_heads, head_dim)
+    qkv = torch.randn(n, (q_heads + 2 * kv_heads) * head_dim, generator=torch.Generator().manual_seed(1))
+    qkv = qkv.to(device=device, dtype=dtype)
+    paired = interleave_rope_rows(qkv.T, head_dim).T.contiguous()
+    assert torch.equal(paired[:, 0::2][:, :32], qkv[:, :32]) and torch.equal(paired[:, 1::2][:, :32], qkv[:, 32:64])
+    q = rope_and_cache(qkv, cos, sin, positions, caches[0], caches[1], q_heads, kv_heads)
+    q_paired = rope_and_cache(paired, cos, sin, positions, caches[2], caches[3], q_heads, kv_heads, interleaved=True)
+    assert torch.equal(q, q_paired)
+    assert torch.equal(caches[0][3:7], caches[2][3:7]) and torch.equal(caches[1][3:7], caches[3][3:7])
+
+
+# BLOCK_N 2 and 4: one or two rotation pairs a program (the fused GEMV); 1: a pair would straddle programs,
+# so linear() and rope_and_cache run instead.
+@pytest.mark.parametrize("block_n", [2, 4, 1])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_qkv_rope_cache_matches_projection_then_rope(device, dtype, bound, n, block_n):
+    """The QKV GEMV with RoPE and the cache write in its epilogue, on weights in RoPE's pairs, against the
+    reference (F.linear on the plain weights, then the reference rotation); at one token it equals our own
+    GEMV followed by rope_and_cache bit for bit (the same sums, the same roundings)."""
+    q_heads, kv_heads, head_dim, hidden = 5, 2, 64, 96
+    cos, sin, positions, caches = _random_case(device, dtype, n, q_heads, kv_heads, head_dim)
+    gen = torch.Generator().manual_seed(2)
+    rows = (q_heads + 2 * kv_heads) * head_dim
+    w = (torch.randn(rows, hidden, generator=gen) / hidden**0.5).to(device=device, dtype=dtype)
+    b = torch.randn(rows, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(n, hidden, generator=gen).to(device=device, dtype=dtype)
+    config = {"BLOCK_N": block_n}
+    q = qkv_rope_cache(x, interleave_rope_rows(w, head_dim), interleave_rope_rows(b, head_dim), cos, sin, positions,
+                       caches[0], caches[1], q_heads, kv_heads, config=config)
+    expected = reference.rope_and_cache(torch.nn.functional.linear(x, w, b), cos, sin, positions, caches[2], caches[3],
+                                        q_heads, kv_heads)
+    assert rel_error(q, expected) < bound
+    assert rel_error(caches[0][3:3 + n], caches[2][3:3 + n]) < bound  # keys
+    assert rel_error(caches[1][3:3 + n], caches[3][3:3 + n]) < bound  # values
+    assert caches[0][:3].isnan().all() and caches[0][3 + n:].isnan().all()  # other rows untouched
+    if n == 1:
+        ours = [torch.full_like(caches[0], float("nan")) for _ in range(2)]
+        q_ours = rope_and_cache(linear(x, w, b, config=config), cos, sin, positions, *ours, q_heads, kv_heads)
+        assert torch.equal(q, q_ours)
+        assert torch.equal(caches[0][3], ours[0][3]) and torch.equal(caches[1][3], ours[1][3])
 
 
 @pytest.mark.parametrize("kv_lens", ["each", "last", "none"])

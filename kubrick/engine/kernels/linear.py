@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from triton.language.extra.cuda import gdc_wait
+
 from kubrick.engine.kernels._common import block_config, pdl, pdl_start, round_to_bf16
 
 
@@ -48,12 +50,10 @@ def _x_tile(x_ptr, offs_n, k0, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    MASK_N: tl.constexpr = N % BLOCK_N != 0
-    mask_n = offs_n < N
+def gemv_rows(x_ptr, w_ptr, offs_n, mask_n, K: tl.constexpr, BLOCK_K: tl.constexpr, MASK_N: tl.constexpr,
+              AHEAD: tl.constexpr, PDL: tl.constexpr, LAUNCH_AT_END: tl.constexpr = False):
+    """float32 sums x . W[offs_n] over all of K (one token): the GEMV's body, which also waits for the kernel
+    before under PDL (kernels that end in another epilogue call this, as rope.qkv_rope_cache does)."""
     FULL: tl.constexpr = K // BLOCK_K * BLOCK_K
     # AHEAD, under PDL: the first step's weights are loaded before waiting for the kernel before (they do not
     # depend on it), so the stream of W starts while that kernel still runs. The step goes into the loop's own
@@ -62,15 +62,29 @@ def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, 
     FIRST_AHEAD: tl.constexpr = AHEAD and PDL and BLOCK_K <= FULL
     if FIRST_AHEAD:
         w0 = _w_tile(w_ptr, offs_n, mask_n, 0, K, BLOCK_K, MASK_N)
-    pdl_start(PDL)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if LAUNCH_AT_END:  # the caller lets the next kernel launch itself, after its stores
+        if PDL:
+            gdc_wait()
+    else:
+        pdl_start(PDL)
+    acc = tl.zeros((offs_n.shape[0], BLOCK_K), dtype=tl.float32)
     if FIRST_AHEAD:
         acc += w0.to(tl.float32) * _x_tile(x_ptr, offs_n, 0, BLOCK_K).to(tl.float32)
     for k0 in range(BLOCK_K if FIRST_AHEAD else 0, FULL, BLOCK_K):
         acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, k0, K, BLOCK_K, MASK_N, False)
     if FULL < K:
         acc += _gemv_step(x_ptr, w_ptr, offs_n, mask_n, FULL, K, BLOCK_K, MASK_N, True)
-    y = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    MASK_N: tl.constexpr = N % BLOCK_N != 0
+    mask_n = offs_n < N
+    y = gemv_rows(x_ptr, w_ptr, offs_n, mask_n, K, BLOCK_K, MASK_N, AHEAD, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if out_ptr.dtype.element_ty == tl.bfloat16:
@@ -82,10 +96,15 @@ def _linear_gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, N: tl.constexpr, 
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear() takes the one-token GEMV (else F.linear)."""
+    return x.shape[0] == 1 and weight.is_contiguous() and x[0].is_contiguous()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T + bias (+ residual [M, N]) in x's dtype: the GEMV for M == 1, else F.linear."""
-    if x.shape[0] != 1 or not weight.is_contiguous() or not x[0].is_contiguous():
+    if not uses_gemv(x, weight):
         y = F.linear(x, weight, bias)
         return y if residual is None else residual + y
     n, k = weight.shape
