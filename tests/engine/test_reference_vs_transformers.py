@@ -36,13 +36,17 @@ def _transformers_model(folder, dtype):
 
 def _transformers_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Prefill PROMPT tokens, then decode the rest one token at a time through transformers' own cache."""
+    import inspect
+
     from transformers.cache_utils import DynamicCache
 
+    # transformers 5.x calls the cache `cache` (`past_key_values` warns, and goes in 5.40); 4.x only knows the latter.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
-        out = model(ids[None, :PROMPT], past_key_values=DynamicCache(config=model.config), use_cache=True)
+        out = model(ids[None, :PROMPT], **{name: DynamicCache(config=model.config)}, use_cache=True)
         logits = [out.logits[0].float()]
         for token in ids[PROMPT:]:
-            out = model(token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+            out = model(token.view(1, 1), **{name: getattr(out, name)}, use_cache=True)
             logits.append(out.logits[0].float())
     return torch.cat(logits)
 
