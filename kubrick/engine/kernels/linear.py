@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from triton.language.extra.cuda import gdc_wait
 
 from kubrick.engine.kernels._common import block_config, pdl, pdl_start, round_to_bf16
