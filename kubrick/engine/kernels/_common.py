@@ -115,8 +115,8 @@ _TABLE["sm90"] = _TABLE["big_smem"] | {
     # 192.3 / 208.3 / 221.8 against 16 pairs' 158.6 / 202.6 / 219.0 / 225.1 us a layer at 9 / 16 / 32 / 48 tokens,
     # but 257.5 against 229.1 at 64 (experts then hold ~8 pairs, and a second tile of one reads its weights
     # again); `python3 scripts/experiments/blockm_sweep.py`. The engine's static batch at context 1024
-    # (`python3 scripts/experiments/moe_small_tiles_ab.py`): +5 / +4 / +2 % at 10 / 16 / 32 sequences, -2 % at 48,
-    # so up to 32 (BENCHMARKS.md run 45).
+    # (`python3 scripts/experiments/moe_small_tiles_ab.py`): +6 / +4 / +3 % at 10 / 16 / 32 sequences; an entry up
+    # to 48 tokens lost 2 % at 48, so up to 32 (BENCHMARKS.md run 45).
     "moe_wgmma_small": dict(BLOCK_M=8, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 32),
     "moe_wgmma": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, STAGES=2, SUB=5, num_warps=4, MAX_PAIRS=4 * 144),
     # and above, prompt chunks beside decodes: 64 pairs x 128 rows, single steps 4 deep: 385 / 575 / 969 us against
