@@ -1,5 +1,5 @@
 """What holds the MoE decode GEMV at ~60 % of copy bandwidth at one token: a fixed cost a call (ramp-up and tail
-of its two launches) or the streaming rate itself? One token routed to k = 1, 2, 4, 8, 16 experts (k x 13.3 MB
+of its two launches) or the streaming rate itself? One token routed to k = 1, 2, 4, 8, 16 experts (k x 13.2 MB
 of MXFP4 weights), 8 layers of random 20b experts replayed in a CUDA graph (bench_kernels.time_per_call), and a
 least-squares line time = fixed + bytes / rate over k. Prints each point and the fit. On a GPU:
 
