@@ -176,8 +176,7 @@ def main() -> int:
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
     skip_kernels(skip)
-    config, weights = bench_kernels.random_20b_weights()
-    model = fast_model.FastTransformer(config, weights)
+    config, model = bench_kernels.random_20b_model()
     if args.timeline:
         for context in (128, 4096):
             timeline(model, config, context)

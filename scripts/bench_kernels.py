@@ -656,12 +656,20 @@ def random_20b_weights() -> tuple:
     return config, weights
 
 
-def bench_model() -> list[dict]:
-    """FastTransformer at the 20b shape: decode ms/token (eager and CUDA graph) and prefill tokens/s."""
-    from kubrick.engine.fast_model import CudaGraphDecoder, FastTransformer
+def random_20b_model() -> tuple:
+    """(config, FastTransformer) on random_20b_weights. The weights' dict is dropped here: the model keeps the
+    QKV projections in its own row order, so a caller holding the dict would hold them twice (~0.7 GB)."""
+    from kubrick.engine.fast_model import FastTransformer
 
     config, weights = random_20b_weights()
-    model = FastTransformer(config, weights)
+    return config, FastTransformer(config, weights)
+
+
+def bench_model() -> list[dict]:
+    """FastTransformer at the 20b shape: decode ms/token (eager and CUDA graph) and prefill tokens/s."""
+    from kubrick.engine.fast_model import CudaGraphDecoder
+
+    config, model = random_20b_model()
     rows = []
     for context in (128, 4096):
         cache = model.new_cache(context + 128)  # prompt, 4 warm-up, 32 eager and 32 graphed steps

@@ -119,8 +119,7 @@ def install(model, mode: str, fraction: float, hint: bool) -> None:
 
 def measure(label: str) -> None:
     mode, options = VARIANTS[label]
-    config, weights = bench_kernels.random_20b_weights()
-    model = fast_model.FastTransformer(config, weights)
+    config, model = bench_kernels.random_20b_model()
     if mode:
         install(model, mode, options.get("FRACTION", 1.0), options.get("HINT", False))
     print(f"{label:8s} batch 1: context 128 {bench_decode.batch_one(model, config, 128):.1f} tok/s, context 4096 "

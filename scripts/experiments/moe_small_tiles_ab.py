@@ -12,7 +12,6 @@ sys.path.insert(0, "scripts")
 
 import bench_engine  # noqa: E402
 import bench_kernels  # noqa: E402
-import kubrick.engine.fast_model as fast_model  # noqa: E402
 from kubrick.engine.kernels import _common  # noqa: E402
 
 SM90 = _common._TABLE["sm90"]
@@ -21,8 +20,7 @@ OFF = (0, 40)
 
 
 def main() -> None:
-    config, weights = bench_kernels.random_20b_weights()
-    model = fast_model.FastTransformer(config, weights)
+    config, model = bench_kernels.random_20b_model()
     for context, steps in ((1024, 32), (128, 512)):
         for _ in range(2):
             for label, (small, gemv) in (("off", OFF), ("on", ON)):
