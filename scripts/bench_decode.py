@@ -23,6 +23,7 @@ step would take if fusing them away cost nothing, the upper bound of such a fusi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -111,10 +112,9 @@ def kernel_increments(events: list[tuple[str, float, float]]) -> tuple[dict[str,
     return increments, durations, idle
 
 
-def profiled_increments(step, steps: int, label: str) -> None:
-    """Run `step` `steps` times under torch.profiler and print its kernels by increment (the first step dropped,
-    its start follows the profiler's)."""
-    import json
+def profiled_kernels(step, steps: int) -> list[dict]:
+    """Run `step` `steps` times under torch.profiler -> its GPU kernels (chrome-trace events: name, ts, dur in
+    µs), by start."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -128,7 +128,22 @@ def profiled_increments(step, steps: int, label: str) -> None:
         prof.export_chrome_trace(trace.name)
         with open(trace.name) as f:
             kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
-    kernels.sort(key=lambda e: e["ts"])
+    return sorted(kernels, key=lambda e: e["ts"])
+
+
+def override_table(spec: str) -> None:
+    """KERNEL={json}: merge the entry into that kernel's sm90 block-table entry (to time other blocks; nested
+    dicts such as MLP2 replace the entry's whole one)."""
+    from kubrick.engine.kernels import _common
+
+    kernel, entry = spec.split("=", 1)
+    _common._TABLE["sm90"][kernel].update(json.loads(entry))
+
+
+def profiled_increments(step, steps: int, label: str) -> None:
+    """Run `step` `steps` times under torch.profiler and print its kernels by increment (the first step dropped,
+    its start follows the profiler's)."""
+    kernels = profiled_kernels(step, steps)
     kept = kernels[len(kernels) // steps:]
     increments, durations, idle = kernel_increments([(e["name"][:70], e["ts"], e["dur"]) for e in kept])
     n = steps - 1

@@ -13,14 +13,9 @@ OVERRIDE='KERNEL={json}' in the environment merges an entry into that kernel's s
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-
-import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -33,30 +28,22 @@ STEPS = 4
 def main() -> None:
     layers = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     if os.environ.get("OVERRIDE"):
-        from kubrick.engine.kernels import _common
-
-        kernel, entry = os.environ["OVERRIDE"].split("=", 1)
-        _common._TABLE["sm90"][kernel].update(json.loads(entry))
+        bench_decode.override_table(os.environ["OVERRIDE"])
     config, model = bench_kernels.random_20b_model()
     decoder, _cache, token = bench_decode.graph_decoder(model, config, 128, 128 + 64)
     state = {"token": token}
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(STEPS):
-            state["token"] = decoder.step(state["token"])[-1].argmax().view(1)
-        torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
-        prof.export_chrome_trace(trace.name)
-        with open(trace.name) as f:
-            kernels = sorted((e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"),
-                             key=lambda e: e["ts"])
+
+    def step():
+        state["token"] = decoder.step(state["token"])[-1].argmax().view(1)
+
+    kernels = bench_decode.profiled_kernels(step, STEPS)
     per_step = len(kernels) // STEPS
-    step = kernels[2 * per_step: 3 * per_step]
-    t0 = step[0]["ts"]
-    print(f"{per_step} kernels a step; step 3 spans {step[-1]['ts'] + step[-1]['dur'] - t0:.1f} us")
+    third = kernels[2 * per_step: 3 * per_step]
+    t0 = third[0]["ts"]
+    print(f"{per_step} kernels a step; step 3 spans {third[-1]['ts'] + third[-1]['dur'] - t0:.1f} us")
     print(f"{'kernel':48s} {'start':>8s} {'end':>8s} {'dur':>7s} {'head start':>10s}")
     previous_end = None
-    for e in step[: 2 + 7 * layers]:
+    for e in third[: 2 + 7 * layers]:
         start, end = e["ts"] - t0, e["ts"] + e["dur"] - t0
         head = "" if previous_end is None else f"{previous_end - start:10.2f}"
         print(f"{e['name'][:48]:48s} {start:8.2f} {end:8.2f} {e['dur']:7.2f} {head}")

@@ -10,14 +10,12 @@ cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: table_decode_ab.sh KERNEL='{json}' [...]" >&2; exit 2; }
 run() {  # $1: label, $2: override or empty
     OVERRIDE="$2" python3 -c "
-import json, os, sys
+import os, sys
 sys.argv = ['bench_decode', '--label', sys.argv[1]]
 sys.path.insert(0, 'scripts')
-from kubrick.engine.kernels import _common
-if os.environ['OVERRIDE']:
-    kernel, entry = os.environ['OVERRIDE'].split('=', 1)
-    _common._TABLE['sm90'][kernel].update(json.loads(entry))
 import bench_decode
+if os.environ['OVERRIDE']:
+    bench_decode.override_table(os.environ['OVERRIDE'])
 sys.exit(bench_decode.main())
 " "$1" 2>&1 | tail -1
 }
