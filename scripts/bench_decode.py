@@ -15,9 +15,10 @@ replays at contexts 128 and 4096; then the static batch-64 step at context 1024)
 launch a kernel starts while the one before still runs, so durations overlap; a kernel's *increment*, its end
 minus the latest end before it, is what it adds to the step, and the increments sum to the step.
 
---skip rope,norm,combine leaves those kernels out of the step (RoPE + KV write, at one token the QKV GEMV's
-epilogue; the attention's RMSNorm; the attention's split combine): the numbers are wrong, the time is what the
-step would take if fusing them away cost nothing, the upper bound of such a fusion.
+--skip rope,norm,combine,router leaves those kernels out of the step (RoPE + KV write, at one token the QKV GEMV's
+epilogue; the attention's RMSNorm; the attention's split combine; norm_router, the MoE's residual add, norm and
+router, its experts then picked by position): the numbers are wrong, the time is what the step would take if
+fusing them away cost nothing, the upper bound of such a fusion.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import bench_kernels  # noqa: E402
 import kubrick.engine.fast_model as fast_model  # noqa: E402
 from kubrick.engine.kernels import attention  # noqa: E402
 
-SKIPPABLE = ("rope", "norm", "combine")
+SKIPPABLE = ("rope", "norm", "combine", "router")
 
 
 def skip_kernels(names: set[str]) -> None:
@@ -57,6 +58,16 @@ def skip_kernels(names: set[str]) -> None:
                 return x.view(torch.bfloat16)[..., 1::2]
             return torch.empty(x.shape, dtype=dtype, device=x.device)  # one token reads 4 experts whatever it holds
         fast_model.rmsnorm = no_norm
+    if "router" in names:  # the MoE block's input side (residual add, norm, router): experts picked by position
+        picks = {}  # made at warm-up, before capture: no kernel of their own in the graphs
+
+        def no_router(x, attention, norm_weight, eps, weight, bias, k, stream=None, gemv_out=None, **_):
+            n = x.shape[0]  # token i takes experts 4i .. 4i + 3 (mod the count): spread as routing spreads them
+            if (n, k) not in picks:
+                ids = (torch.arange(n * k, device=x.device) % weight.shape[0]).to(torch.int32).view(n, k)
+                picks[n, k] = ids, torch.full((n, k), 1.0 / k, device=x.device)
+            return torch.empty_like(attention), *picks[n, k]
+        fast_model.norm_router = no_router
     if "combine" in names:
         attention.MERGE_SPLITS = 0  # every split count above one then goes to the combine kernel, skipped here
 
